@@ -1,0 +1,579 @@
+"""The math of PPO's value-function loss, as plain functions of tensors.
+
+Everything the package computes is defined here once: the per-token loss (with or without
+value clipping), its closed-form gradient, the region map that says where clipping kills the
+gradient, and the aggregation modes that reduce a ``(B, T)`` loss matrix to a scalar.
+:class:`valueloss.ValueLoss` holds the full documentation of the combined loss; each function
+here documents only its own step.
+
+Sources of the formulas:
+
+* clipped value loss with ``max``: OpenAI baselines ``ppo2/model.py`` (2017), OpenRLHF
+  ``openrlhf/models/loss.py::ValueLoss``, verl ``verl/trainer/ppo/core_algos.py::compute_value_loss``;
+* MSE of the clipped prediction: Stable-Baselines3 ``stable_baselines3/ppo/ppo.py::PPO.train``;
+* aggregation modes and global counts: verl ``core_algos.py::agg_loss`` and OpenRLHF ``agg_loss``
+  (checked 2026-11-25).
+
+Nothing here synchronises with the host: validation reads only shapes, dtypes and devices, and
+empty masks are handled with ``torch.where`` on safe denominators.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from enum import IntEnum
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "LOSS_TYPES",
+    "VARIANTS",
+    "Region",
+    "aggregate",
+    "aggregation_weights",
+    "clip_regions",
+    "elementwise_value_loss",
+    "elementwise_value_loss_grad",
+    "value_loss",
+    "value_loss_grad",
+]
+
+AGGREGATION_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+VARIANTS = ("max", "clipped")
+LOSS_TYPES = ("squared", "huber")
+
+Count = Optional[Union[Tensor, int, float]]
+
+
+class Region(IntEnum):
+    """Where a token sits relative to the clip band, as returned by :func:`clip_regions`."""
+
+    INSIDE = 0
+    """``|values - old_values| <= clip_eps`` (the band is closed): the unclipped error drives the gradient."""
+    CLIPPED = 1
+    """Outside the band and the clipped branch wins: the gradient with respect to ``values`` is zero."""
+    UNCLIPPED = 2
+    """Outside the band but the unclipped branch wins (or ties): the gradient stays live."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_clip_eps(clip_eps: object, name: str = "clip_eps") -> Optional[float]:
+    """Return ``clip_eps`` as a float (or None); raise if it is not a non-negative number."""
+    if clip_eps is None:
+        return None
+    if isinstance(clip_eps, bool) or not isinstance(clip_eps, numbers.Real):
+        raise TypeError(f"{name} must be None or a non-negative real number; got {type(clip_eps).__name__}")
+    value = float(clip_eps)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be None or a non-negative number; got {clip_eps!r}")
+    return value
+
+
+def _check_choice(value: object, choices: tuple, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise ValueError(f"{name} must be a positive number; got {value!r}")
+    return float(value)
+
+
+def _check_float_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    return t
+
+
+def _check_inputs(
+    values: Tensor, old_values: Optional[Tensor], returns: Tensor, action_mask: Optional[Tensor] = None
+) -> None:
+    """Names the argument and says expected vs got; never broadcasts."""
+    _check_float_tensor(values, "values")
+    _check_float_tensor(returns, "returns")
+    others = [("returns", returns)]
+    if old_values is not None:
+        _check_float_tensor(old_values, "old_values")
+        others.insert(0, ("old_values", old_values))
+    if action_mask is not None:
+        if not isinstance(action_mask, Tensor):
+            raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
+        if action_mask.is_complex():
+            raise TypeError(f"action_mask must be a bool, integer or floating-point tensor; got {action_mask.dtype}")
+        others.append(("action_mask", action_mask))
+    if values.dim() == 0:
+        raise ValueError("values must have at least one dimension (tokens); got a 0-dim tensor")
+    for name, t in others:
+        if t.shape != values.shape:
+            raise ValueError(f"values and {name} must have the same shape; got {_shape(values)} and {_shape(t)}")
+        if t.device != values.device:
+            raise ValueError(f"values and {name} must be on the same device; got {values.device} and {t.device}")
+
+
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """Promote the inputs' float dtypes, and accumulate half precision in float32."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    assert dtype is not None
+    return dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+
+
+def _check_count(count: Count, name: str, device: torch.device) -> Count:
+    if count is None:
+        return None
+    if isinstance(count, Tensor):
+        if count.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (a number or a one-element tensor); got shape {_shape(count)}")
+        if count.device != device and count.device.type != "cpu":
+            raise ValueError(f"{name} must be on {device} (or a CPU scalar); got {count.device}")
+        if count.is_complex() or count.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real-valued tensor; got dtype {count.dtype}")
+        return count.reshape(())
+    if isinstance(count, bool) or not isinstance(count, numbers.Real):
+        raise TypeError(f"{name} must be None, a number or a one-element tensor; got {type(count).__name__}")
+    if math.isnan(float(count)) or count < 0:
+        raise ValueError(f"{name} must be a non-negative count; got {count!r}")
+    return count
+
+
+def _check_dp_size(dp_size: object) -> int:
+    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral) or dp_size < 1:
+        raise ValueError(f"dp_size must be a positive integer; got {dp_size!r}")
+    return int(dp_size)
+
+
+# --------------------------------------------------------------------------- per-token math
+
+
+def _error_loss(error: Tensor, loss_type: str, huber_delta: float) -> Tensor:
+    """Per-token penalty of a prediction error: ``error**2``, or twice the Huber loss."""
+    if loss_type == "squared":
+        return error**2
+    abs_error = error.abs()
+    return torch.where(abs_error <= huber_delta, error**2, 2.0 * huber_delta * abs_error - huber_delta**2)
+
+
+def _error_loss_grad(error: Tensor, loss_type: str, huber_delta: float) -> Tensor:
+    if loss_type == "squared":
+        return 2.0 * error
+    return 2.0 * error.clamp(-huber_delta, huber_delta)
+
+
+def _elementwise(
+    values: Tensor,
+    old_values: Optional[Tensor],
+    returns: Tensor,
+    clip_eps: Optional[float],
+    variant: str,
+    loss_type: str,
+    huber_delta: float,
+) -> Tensor:
+    loss_unclipped = _error_loss(values - returns, loss_type, huber_delta)
+    if clip_eps is None:
+        return loss_unclipped
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    loss_clipped = _error_loss(values_clipped - returns, loss_type, huber_delta)
+    if variant == "clipped":
+        return loss_clipped
+    return torch.max(loss_clipped, loss_unclipped)
+
+
+def _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask=None):
+    clip_eps = check_clip_eps(clip_eps)
+    _check_choice(variant, VARIANTS, "variant")
+    _check_choice(loss_type, LOSS_TYPES, "loss_type")
+    huber_delta = _check_positive(huber_delta, "huber_delta")
+    if clip_eps is not None and old_values is None:
+        raise ValueError("old_values is required when clip_eps is set; got None")
+    _check_inputs(values, old_values, returns, action_mask)
+    return clip_eps, huber_delta
+
+
+def _cast(dtype: torch.dtype, *tensors: Optional[Tensor]):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def elementwise_value_loss(
+    values: Tensor,
+    old_values: Optional[Tensor],
+    returns: Tensor,
+    *,
+    clip_eps: Optional[float] = None,
+    variant: str = "max",
+    loss_type: str = "squared",
+    huber_delta: float = 1.0,
+) -> Tensor:
+    """Per-token value loss, before masking, aggregation and the 0.5 factor.
+
+    With ``clip_eps=None``: ``(values - returns)**2``. With ``clip_eps`` and ``variant="max"``
+    (ppo2, OpenRLHF, verl): ``max((values_clipped - returns)**2, (values - returns)**2)`` where
+    ``values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)``. With
+    ``variant="clipped"`` (Stable-Baselines3): ``(values_clipped - returns)**2``.
+    ``loss_type="huber"`` replaces ``e**2`` by ``2 * huber(e, huber_delta)`` (equal to ``e**2`` for
+    ``|e| <= huber_delta``). Half-precision inputs are computed in float32. See
+    :class:`valueloss.ValueLoss` for the full documentation.
+    """
+    clip_eps, huber_delta = _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
+    return _elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+
+
+def elementwise_value_loss_grad(
+    values: Tensor,
+    old_values: Optional[Tensor],
+    returns: Tensor,
+    *,
+    clip_eps: Optional[float] = None,
+    variant: str = "max",
+    loss_type: str = "squared",
+    huber_delta: float = 1.0,
+) -> Tensor:
+    """Closed-form derivative of :func:`elementwise_value_loss` with respect to ``values``.
+
+    Follows autograd's conventions exactly: the clip band is closed (at
+    ``|values - old_values| == clip_eps`` the clipped branch still passes gradient, as
+    ``torch.clamp`` does) and where the two branches of the ``max`` tie the gradient is split 50/50
+    (as ``torch.max``/``torch.maximum`` do). Tokens in :attr:`Region.CLIPPED` get exactly zero.
+    """
+    clip_eps, huber_delta = _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
+    with torch.no_grad():
+        return _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+
+
+def _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta):
+    grad_unclipped = _error_loss_grad(values - returns, loss_type, huber_delta)
+    if clip_eps is None:
+        return grad_unclipped
+    delta = values - old_values
+    inside = (delta >= -clip_eps) & (delta <= clip_eps)
+    values_clipped = old_values + delta.clamp(-clip_eps, clip_eps)
+    grad_clipped = torch.where(inside, _error_loss_grad(values_clipped - returns, loss_type, huber_delta), 0.0)
+    if variant == "clipped":
+        return grad_clipped
+    loss_unclipped = _error_loss(values - returns, loss_type, huber_delta)
+    loss_clipped = _error_loss(values_clipped - returns, loss_type, huber_delta)
+    tie = 0.5 * (grad_clipped + grad_unclipped)
+    return torch.where(
+        loss_unclipped > loss_clipped,
+        grad_unclipped,
+        torch.where(loss_clipped > loss_unclipped, grad_clipped, tie),
+    )
+
+
+def clip_regions(
+    values: Tensor,
+    old_values: Optional[Tensor],
+    returns: Tensor,
+    *,
+    clip_eps: Optional[float] = None,
+    variant: str = "max",
+    loss_type: str = "squared",
+    huber_delta: float = 1.0,
+) -> Tensor:
+    """Region of each token as a ``uint8`` tensor of :class:`Region` codes.
+
+    ``INSIDE`` (0): ``|values - old_values| <= clip_eps``, or no clipping at all (``clip_eps=None``).
+    ``CLIPPED`` (1): outside the band and the clipped branch is strictly larger (for
+    ``variant="clipped"``: every token outside the band) -- the gradient is exactly zero there.
+    ``UNCLIPPED`` (2): outside the band and the unclipped branch is larger or equal -- the gradient is
+    live (halved on an exact tie).
+    """
+    clip_eps, huber_delta = _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
+    with torch.no_grad():
+        return _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+
+
+def _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_delta):
+    if clip_eps is None:
+        return torch.full(values.shape, int(Region.INSIDE), dtype=torch.uint8, device=values.device)
+    delta = values - old_values
+    outside = (delta < -clip_eps) | (delta > clip_eps)
+    if variant == "clipped":
+        clipped_wins = torch.ones_like(outside)
+    else:
+        values_clipped = old_values + delta.clamp(-clip_eps, clip_eps)
+        clipped_wins = _error_loss(values_clipped - returns, loss_type, huber_delta) > _error_loss(
+            values - returns, loss_type, huber_delta
+        )
+    region = torch.where(clipped_wins, int(Region.CLIPPED), int(Region.UNCLIPPED)).to(torch.uint8)
+    return torch.where(outside, region, torch.zeros_like(region))
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _safe_denominator(count: Union[Tensor, float, int]) -> Union[Tensor, float, int]:
+    """A count that is 1 where it was 0, so that ``0 / count`` is 0 and never NaN (no host sync)."""
+    if isinstance(count, Tensor):
+        return torch.where(count > 0, count, torch.ones_like(count))
+    return count if count > 0 else 1
+
+
+def _float_mask(action_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    return action_mask.to(dtype)
+
+
+def _masked(loss_mat: Tensor, action_mask: Optional[Tensor]) -> Tensor:
+    """``loss_mat * mask`` with masked-out entries forced to zero, so NaN/inf there cannot leak."""
+    if action_mask is None:
+        return loss_mat
+    if action_mask.dtype == torch.bool:
+        return torch.where(action_mask, loss_mat, 0.0)
+    return torch.where(action_mask != 0, loss_mat, 0.0) * action_mask.to(loss_mat.dtype)
+
+
+def _validate_aggregation(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    _check_choice(mode, AGGREGATION_MODES, "mode")
+    dp_size = _check_dp_size(dp_size)
+    batch_num_tokens = _check_count(batch_num_tokens, "batch_num_tokens", loss_mat.device)
+    global_batch_size = _check_count(global_batch_size, "global_batch_size", loss_mat.device)
+    if loss_scale_factor is not None:
+        loss_scale_factor = _check_positive(loss_scale_factor, "loss_scale_factor")
+    if dp_size > 1:
+        if mode == "token-mean" and batch_num_tokens is None:
+            raise ValueError(
+                "batch_num_tokens (the global count of unmasked tokens) is required when dp_size > 1 "
+                "with mode='token-mean'; got None (see valueloss.distributed)"
+            )
+        if mode.startswith("seq-mean") and global_batch_size is None:
+            raise ValueError(
+                f"global_batch_size (the global count of non-empty sequences) is required when dp_size > 1 "
+                f"with mode={mode!r}; got None (see valueloss.distributed)"
+            )
+    if mode.startswith("seq-mean") and loss_mat.dim() < 1:
+        raise ValueError(f"mode={mode!r} needs a (..., T) loss with a token dimension; got a 0-dim tensor")
+    return dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+
+
+def aggregate(
+    loss_mat: Tensor,
+    action_mask: Optional[Tensor] = None,
+    *,
+    mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: Count = None,
+    global_batch_size: Count = None,
+    loss_scale_factor: Optional[float] = None,
+) -> Tensor:
+    """Reduce a per-token loss ``(..., T)`` to a scalar, following verl's ``agg_loss`` contract.
+
+    With ``m`` the mask (all ones when None), ``L`` the loss, ``n_s = sum_t m[s, t]``:
+
+    * ``token-mean``: ``sum(m * L) / N * dp_size`` with ``N = batch_num_tokens`` (default ``sum(m)``);
+    * ``token-sum``: ``sum(m * L) * dp_size``;
+    * ``seq-mean-token-mean``: ``sum_s [n_s > 0] (sum_t m L) / n_s / S * dp_size``;
+    * ``seq-mean-token-sum``: ``sum_s (sum_t m L) / S * dp_size``;
+    * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``),
+
+    where ``S = global_batch_size`` (default: the number of sequences with ``n_s > 0``). The factor
+    ``dp_size`` undoes the averaging of gradients over data-parallel ranks, so the result is the
+    global loss when the counts are global. Empty batches and rows give 0, never NaN; masked-out
+    NaN/inf never leak. Needs no host synchronisation.
+    """
+    if not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point():
+        raise TypeError(f"loss_mat must be a floating-point tensor; got {getattr(loss_mat, 'dtype', type(loss_mat).__name__)}")
+    if action_mask is not None:
+        if not isinstance(action_mask, Tensor):
+            raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
+        if action_mask.shape != loss_mat.shape:
+            raise ValueError(
+                f"loss_mat and action_mask must have the same shape; got {_shape(loss_mat)} and {_shape(action_mask)}"
+            )
+        if action_mask.device != loss_mat.device:
+            raise ValueError(
+                f"loss_mat and action_mask must be on the same device; got {loss_mat.device} and {action_mask.device}"
+            )
+    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
+        loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    return _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+
+
+def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    masked = _masked(loss_mat, action_mask)
+    if mode in ("token-mean", "token-sum"):
+        total = masked.sum()
+        if mode == "token-sum":
+            return total * dp_size
+        if batch_num_tokens is None:
+            batch_num_tokens = (
+                loss_mat.new_tensor(float(loss_mat.numel()))
+                if action_mask is None
+                else _float_mask(action_mask, loss_mat.dtype).sum()
+            )
+        return total / _safe_denominator(batch_num_tokens) * dp_size
+
+    seq_sums = masked.sum(dim=-1)
+    if action_mask is None:
+        seq_counts = torch.full_like(seq_sums, float(loss_mat.shape[-1]))
+    else:
+        seq_counts = _float_mask(action_mask, loss_mat.dtype).sum(dim=-1)
+    nonempty = seq_counts > 0
+    if mode == "seq-mean-token-mean":
+        seq_losses = seq_sums / _safe_denominator(seq_counts)
+    else:
+        seq_losses = seq_sums
+    if global_batch_size is None:
+        global_batch_size = nonempty.to(loss_mat.dtype).sum()
+    loss = torch.where(nonempty, seq_losses, 0.0).sum() / _safe_denominator(global_batch_size) * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_scale_factor if loss_scale_factor is not None else max(loss_mat.shape[-1], 1))
+    return loss
+
+
+def aggregation_weights(
+    action_mask: Optional[Tensor],
+    shape: Optional[torch.Size] = None,
+    *,
+    mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: Count = None,
+    global_batch_size: Count = None,
+    loss_scale_factor: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """Per-token weights ``w`` with ``aggregate(L, mask, mode=...) == sum(w * L)`` for every finite ``L``.
+
+    Every aggregation mode is linear in the per-token loss, so the gradient of the reduced loss is
+    ``w * dL/dvalues``. ``shape`` is needed only when ``action_mask`` is None.
+    """
+    if action_mask is None:
+        if shape is None:
+            raise ValueError("shape is required when action_mask is None; got None")
+        ref = torch.zeros(shape, dtype=dtype, device=device)
+    else:
+        if not isinstance(action_mask, Tensor):
+            raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
+        ref = torch.zeros(action_mask.shape, dtype=dtype, device=action_mask.device)
+    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
+        ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    return _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+
+
+def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    mask = torch.ones_like(ref) if action_mask is None else _float_mask(action_mask, ref.dtype)
+    if mode == "token-sum":
+        return mask * dp_size
+    if mode == "token-mean":
+        count = mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return mask / _safe_denominator(count) * dp_size
+    seq_counts = mask.sum(dim=-1, keepdim=True)
+    nonempty = seq_counts > 0
+    if global_batch_size is None:
+        global_batch_size = nonempty.to(ref.dtype).sum()
+    per_seq = mask / _safe_denominator(seq_counts) if mode == "seq-mean-token-mean" else mask
+    weights = torch.where(nonempty, per_seq, 0.0) / _safe_denominator(global_batch_size) * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        weights = weights / (loss_scale_factor if loss_scale_factor is not None else max(ref.shape[-1], 1))
+    return weights
+
+
+# --------------------------------------------------------------------------- the whole loss
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Optional[Tensor],
+    returns: Tensor,
+    action_mask: Optional[Tensor] = None,
+    *,
+    clip_eps: Optional[float] = None,
+    variant: str = "max",
+    mode: str = "token-mean",
+    loss_type: str = "squared",
+    huber_delta: float = 1.0,
+    scale: float = 0.5,
+    dp_size: int = 1,
+    batch_num_tokens: Count = None,
+    global_batch_size: Count = None,
+    loss_scale_factor: Optional[float] = None,
+) -> Tensor:
+    """``scale * aggregate(elementwise_value_loss(...), action_mask, mode=...)``; see :class:`valueloss.ValueLoss`."""
+    clip_eps, huber_delta = _validate_elementwise(
+        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
+    )
+    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
+        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    scale = _check_scale(scale)
+    dtype = _compute_dtype(values, old_values, returns)
+    values, old_values, returns = _cast(dtype, values, old_values, returns)
+    if action_mask is not None:
+        # Zero the inputs at masked-out tokens first: masking only the loss would still send
+        # 0 * NaN = NaN back through the square to values.grad.
+        keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
+        values, old_values, returns = (None if t is None else torch.where(keep, t, 0.0) for t in (values, old_values, returns))
+    loss_mat = _elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    return scale * _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+
+
+def value_loss_grad(
+    values: Tensor,
+    old_values: Optional[Tensor],
+    returns: Tensor,
+    action_mask: Optional[Tensor] = None,
+    *,
+    clip_eps: Optional[float] = None,
+    variant: str = "max",
+    mode: str = "token-mean",
+    loss_type: str = "squared",
+    huber_delta: float = 1.0,
+    scale: float = 0.5,
+    dp_size: int = 1,
+    batch_num_tokens: Count = None,
+    global_batch_size: Count = None,
+    loss_scale_factor: Optional[float] = None,
+) -> Tensor:
+    """Closed-form gradient of :func:`value_loss` with respect to ``values`` (no autograd).
+
+    ``scale * aggregation_weights(...) * elementwise_value_loss_grad(...)``, zero at masked-out
+    tokens whatever they hold. Returned in the compute dtype (float32 for half inputs).
+    """
+    clip_eps, huber_delta = _validate_elementwise(
+        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
+    )
+    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
+        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    scale = _check_scale(scale)
+    dtype = _compute_dtype(values, old_values, returns)
+    values, old_values, returns = _cast(dtype, values, old_values, returns)
+    with torch.no_grad():
+        grad = _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+        weights = _weights(
+            torch.empty_like(values), action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+        )
+        grad = torch.where(weights != 0, grad, 0.0)
+        return scale * weights * grad
+
+
+def _check_scale(scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    return float(scale)
