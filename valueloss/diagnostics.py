@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,9 +46,9 @@ def diagnose(
     values: Tensor,
     old_values: Tensor,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     mode: str = "token-mean",
     loss_type: str = "squared",

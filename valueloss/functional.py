@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import numbers
 from enum import IntEnum
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -52,7 +51,7 @@ AGGREGATION_MODES = (
 VARIANTS = ("max", "clipped")
 LOSS_TYPES = ("squared", "huber")
 
-Count = Optional[Union[Tensor, int, float]]
+Count = Tensor | int | float | None
 
 
 class Region(IntEnum):
@@ -73,7 +72,7 @@ def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def check_clip_eps(clip_eps: object, name: str = "clip_eps") -> Optional[float]:
+def check_clip_eps(clip_eps: object, name: str = "clip_eps") -> float | None:
     """Return ``clip_eps`` as a float (or None); raise if it is not a non-negative number."""
     if clip_eps is None:
         return None
@@ -106,7 +105,7 @@ def _check_float_tensor(t: object, name: str) -> Tensor:
 
 
 def _check_inputs(
-    values: Tensor, old_values: Optional[Tensor], returns: Tensor, action_mask: Optional[Tensor] = None
+    values: Tensor, old_values: Tensor | None, returns: Tensor, action_mask: Tensor | None = None
 ) -> None:
     """Names the argument and says expected vs got; never broadcasts."""
     _check_float_tensor(values, "values")
@@ -130,7 +129,7 @@ def _check_inputs(
             raise ValueError(f"values and {name} must be on the same device; got {values.device} and {t.device}")
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """Promote the inputs' float dtypes, and accumulate half precision in float32."""
     dtype = None
     for t in tensors:
@@ -183,9 +182,9 @@ def _error_loss_grad(error: Tensor, loss_type: str, huber_delta: float) -> Tenso
 
 def _elementwise(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
-    clip_eps: Optional[float],
+    clip_eps: float | None,
     variant: str,
     loss_type: str,
     huber_delta: float,
@@ -211,16 +210,16 @@ def _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_t
     return clip_eps, huber_delta
 
 
-def _cast(dtype: torch.dtype, *tensors: Optional[Tensor]):
+def _cast(dtype: torch.dtype, *tensors: Tensor | None):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def elementwise_value_loss(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     loss_type: str = "squared",
     huber_delta: float = 1.0,
@@ -235,17 +234,19 @@ def elementwise_value_loss(
     ``|e| <= huber_delta``). Half-precision inputs are computed in float32. See
     :class:`valueloss.ValueLoss` for the full documentation.
     """
-    clip_eps, huber_delta = _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    clip_eps, huber_delta = _validate_elementwise(
+        values, old_values, returns, clip_eps, variant, loss_type, huber_delta
+    )
     values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
     return _elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
 
 
 def elementwise_value_loss_grad(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     loss_type: str = "squared",
     huber_delta: float = 1.0,
@@ -257,7 +258,9 @@ def elementwise_value_loss_grad(
     ``torch.clamp`` does) and where the two branches of the ``max`` tie the gradient is split 50/50
     (as ``torch.max``/``torch.maximum`` do). Tokens in :attr:`Region.CLIPPED` get exactly zero.
     """
-    clip_eps, huber_delta = _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    clip_eps, huber_delta = _validate_elementwise(
+        values, old_values, returns, clip_eps, variant, loss_type, huber_delta
+    )
     values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
     with torch.no_grad():
         return _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
@@ -285,10 +288,10 @@ def _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type,
 
 def clip_regions(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     loss_type: str = "squared",
     huber_delta: float = 1.0,
@@ -301,7 +304,9 @@ def clip_regions(
     ``UNCLIPPED`` (2): outside the band and the unclipped branch is larger or equal -- the gradient is
     live (halved on an exact tie).
     """
-    clip_eps, huber_delta = _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+    clip_eps, huber_delta = _validate_elementwise(
+        values, old_values, returns, clip_eps, variant, loss_type, huber_delta
+    )
     values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
     with torch.no_grad():
         return _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
@@ -326,7 +331,7 @@ def _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_de
 # --------------------------------------------------------------------------- aggregation
 
 
-def _safe_denominator(count: Union[Tensor, float, int]) -> Union[Tensor, float, int]:
+def _safe_denominator(count: Tensor | float | int) -> Tensor | float | int:
     """A count that is 1 where it was 0, so that ``0 / count`` is 0 and never NaN (no host sync)."""
     if isinstance(count, Tensor):
         return torch.where(count > 0, count, torch.ones_like(count))
@@ -337,7 +342,7 @@ def _float_mask(action_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return action_mask.to(dtype)
 
 
-def _masked(loss_mat: Tensor, action_mask: Optional[Tensor]) -> Tensor:
+def _masked(loss_mat: Tensor, action_mask: Tensor | None) -> Tensor:
     """``loss_mat * mask`` with masked-out entries forced to zero, so NaN/inf there cannot leak."""
     if action_mask is None:
         return loss_mat
@@ -371,13 +376,13 @@ def _validate_aggregation(loss_mat, action_mask, mode, dp_size, batch_num_tokens
 
 def aggregate(
     loss_mat: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
     mode: str = "token-mean",
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: Optional[float] = None,
+    loss_scale_factor: float | None = None,
 ) -> Tensor:
     """Reduce a per-token loss ``(..., T)`` to a scalar, following verl's ``agg_loss`` contract.
 
@@ -395,7 +400,8 @@ def aggregate(
     NaN/inf never leak. Needs no host synchronisation.
     """
     if not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point():
-        raise TypeError(f"loss_mat must be a floating-point tensor; got {getattr(loss_mat, 'dtype', type(loss_mat).__name__)}")
+        got = getattr(loss_mat, "dtype", type(loss_mat).__name__)
+        raise TypeError(f"loss_mat must be a floating-point tensor; got {got}")
     if action_mask is not None:
         if not isinstance(action_mask, Tensor):
             raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
@@ -446,16 +452,16 @@ def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_ba
 
 
 def aggregation_weights(
-    action_mask: Optional[Tensor],
-    shape: Optional[torch.Size] = None,
+    action_mask: Tensor | None,
+    shape: torch.Size | None = None,
     *,
     mode: str = "token-mean",
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: Optional[float] = None,
+    loss_scale_factor: float | None = None,
     dtype: torch.dtype = torch.float32,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Per-token weights ``w`` with ``aggregate(L, mask, mode=...) == sum(w * L)`` for every finite ``L``.
 
@@ -499,11 +505,11 @@ def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_siz
 
 def value_loss(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     mode: str = "token-mean",
     loss_type: str = "squared",
@@ -512,7 +518,7 @@ def value_loss(
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: Optional[float] = None,
+    loss_scale_factor: float | None = None,
 ) -> Tensor:
     """``scale * aggregate(elementwise_value_loss(...), action_mask, mode=...)``; see :class:`valueloss.ValueLoss`."""
     clip_eps, huber_delta = _validate_elementwise(
@@ -528,18 +534,21 @@ def value_loss(
         # Zero the inputs at masked-out tokens first: masking only the loss would still send
         # 0 * NaN = NaN back through the square to values.grad.
         keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
-        values, old_values, returns = (None if t is None else torch.where(keep, t, 0.0) for t in (values, old_values, returns))
+        values, old_values, returns = (
+            None if t is None else torch.where(keep, t, 0.0) for t in (values, old_values, returns)
+        )
     loss_mat = _elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-    return scale * _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    loss = _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return scale * loss
 
 
 def value_loss_grad(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     mode: str = "token-mean",
     loss_type: str = "squared",
@@ -548,7 +557,7 @@ def value_loss_grad(
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: Optional[float] = None,
+    loss_scale_factor: float | None = None,
 ) -> Tensor:
     """Closed-form gradient of :func:`value_loss` with respect to ``values`` (no autograd).
 

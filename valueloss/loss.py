@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from . import functional as F
@@ -89,15 +87,15 @@ class ValueLoss(nn.Module):
 
     def __init__(
         self,
-        clip_eps: Optional[float] = None,
+        clip_eps: float | None = None,
         token_level_loss: bool = True,
         *,
         variant: str = "max",
-        loss_agg_mode: Optional[str] = None,
+        loss_agg_mode: str | None = None,
         loss_type: str = "squared",
         huber_delta: float = 1.0,
         scale: float = 0.5,
-        loss_scale_factor: Optional[float] = None,
+        loss_scale_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.clip_eps = F.check_clip_eps(clip_eps)
@@ -125,7 +123,7 @@ class ValueLoss(nn.Module):
         values: Tensor,
         old_values: Tensor,
         returns: Tensor,
-        action_mask: Optional[Tensor] = None,
+        action_mask: Tensor | None = None,
         dp_size: int = 1,
         batch_num_tokens: Count = None,
         global_batch_size: Count = None,

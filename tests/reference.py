@@ -1,0 +1,138 @@
+"""Independent references for the tests: plain Python floats and loops, written from the formulas.
+
+Nothing here imports valueloss. Two references:
+
+* ``loss_loops`` / ``grad_loops``: the per-token loss, its derivative and every aggregation mode with
+  Python floats (IEEE double) and explicit loops, with the conventions spelled out by hand
+  (closed clip band, ties of the max split 50/50, empty rows and batches contribute 0).
+* ``openrlhf_formula``: OpenRLHF's ValueLoss as published (openrlhf/models/loss.py, ValueLoss and
+  agg_loss, checked 2026-11-25), re-expressed with torch ops so autograd gives its gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _penalty(error: float, loss_type: str, delta: float) -> float:
+    if loss_type == "squared" or abs(error) <= delta:
+        return error * error
+    return 2.0 * delta * abs(error) - delta * delta
+
+
+def _penalty_slope(error: float, loss_type: str, delta: float) -> float:
+    if loss_type == "squared":
+        return 2.0 * error
+    return 2.0 * min(max(error, -delta), delta)
+
+
+def token_loss(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0) -> float:
+    """The per-token loss of one prediction."""
+    unclipped = _penalty(v - r, loss_type, delta)
+    if clip_eps is None:
+        return unclipped
+    v_clipped = o + min(max(v - o, -clip_eps), clip_eps)
+    clipped = _penalty(v_clipped - r, loss_type, delta)
+    return clipped if variant == "clipped" else max(clipped, unclipped)
+
+
+def token_grad(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0) -> float:
+    """d token_loss / d v with autograd's conventions: closed band, ties split in half."""
+    slope_unclipped = _penalty_slope(v - r, loss_type, delta)
+    if clip_eps is None:
+        return slope_unclipped
+    d = v - o
+    v_clipped = o + min(max(d, -clip_eps), clip_eps)
+    in_band = -clip_eps <= d <= clip_eps
+    slope_clipped = _penalty_slope(v_clipped - r, loss_type, delta) if in_band else 0.0
+    if variant == "clipped":
+        return slope_clipped
+    unclipped = _penalty(v - r, loss_type, delta)
+    clipped = _penalty(v_clipped - r, loss_type, delta)
+    if unclipped > clipped:
+        return slope_unclipped
+    if clipped > unclipped:
+        return slope_clipped
+    return 0.5 * (slope_clipped + slope_unclipped)
+
+
+def _rows(t):
+    """A tensor of shape (..., T) as a list of rows of floats."""
+    t = t.detach().to("cpu", torch.float64)
+    return t.reshape(-1, t.shape[-1]).tolist() if t.dim() > 0 else [[t.item()]]
+
+
+def weights_loops(mask_rows, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """Per-token weights of each mode, from the mode's definition."""
+    T = len(mask_rows[0]) if mask_rows else 0
+    total = sum(sum(row) for row in mask_rows)
+    nonempty = sum(1 for row in mask_rows if sum(row) > 0)
+    out = []
+    for row in mask_rows:
+        n = sum(row)
+        if mode == "token-sum":
+            out.append([m * dp_size for m in row])
+        elif mode == "token-mean":
+            N = total if batch_num_tokens is None else float(batch_num_tokens)
+            out.append([m / N * dp_size if N > 0 else 0.0 for m in row])
+        else:
+            S = nonempty if global_batch_size is None else float(global_batch_size)
+            if n <= 0 or S <= 0:
+                out.append([0.0] * len(row))
+                continue
+            per = [m / n for m in row] if mode == "seq-mean-token-mean" else list(row)
+            w = [x / S * dp_size for x in per]
+            if mode == "seq-mean-token-sum-norm":
+                w = [x / (loss_scale_factor if loss_scale_factor is not None else T) for x in w]
+            out.append(w)
+    return out
+
+
+def loss_loops(values, old_values, returns, mask=None, *, clip_eps=None, variant="max", mode="token-mean",
+               loss_type="squared", delta=1.0, scale=0.5, **counts) -> float:
+    """The reduced loss as a Python float."""
+    V, O, R = _rows(values), _rows(old_values), _rows(returns)
+    M = _rows(mask) if mask is not None else [[1.0] * len(row) for row in V]
+    W = weights_loops(M, mode, **counts)
+    total = 0.0
+    for vr, orow, rr, wr, mr in zip(V, O, R, W, M):
+        for v, o, r, w, m in zip(vr, orow, rr, wr, mr):
+            if m != 0:
+                total += w * token_loss(v, o, r, clip_eps, variant, loss_type, delta)
+    return scale * total
+
+
+def grad_loops(values, old_values, returns, mask=None, *, clip_eps=None, variant="max", mode="token-mean",
+               loss_type="squared", delta=1.0, scale=0.5, **counts) -> torch.Tensor:
+    """d loss / d values as a float64 tensor of the values' shape."""
+    V, O, R = _rows(values), _rows(old_values), _rows(returns)
+    M = _rows(mask) if mask is not None else [[1.0] * len(row) for row in V]
+    W = weights_loops(M, mode, **counts)
+    out = []
+    for vr, orow, rr, wr, mr in zip(V, O, R, W, M):
+        out.append([
+            scale * w * token_grad(v, o, r, clip_eps, variant, loss_type, delta) if m != 0 else 0.0
+            for v, o, r, w, m in zip(vr, orow, rr, wr, mr)
+        ])
+    return torch.tensor(out, dtype=torch.float64).reshape(values.shape)
+
+
+def openrlhf_formula(values, old_values, returns, action_mask, clip_eps=None, token_level_loss=True,
+                     dp_size=1, batch_num_tokens=None, global_batch_size=None):
+    """OpenRLHF's ValueLoss.forward, from its published definition (mask required, as there)."""
+    if clip_eps is not None:
+        values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        loss = torch.max((values_clipped - returns) ** 2, (values - returns) ** 2)
+    else:
+        loss = (values - returns) ** 2
+    mask = action_mask
+    if token_level_loss:
+        denominator = mask.sum() if batch_num_tokens is None else batch_num_tokens
+        reduced = (torch.where(mask.bool(), loss, 0.0) * mask).sum() / denominator * dp_size
+    else:
+        counts = mask.sum(dim=-1)
+        row_means = (loss * mask).sum(dim=-1) / (counts + 1e-8)
+        row_kept = (counts > 0).float()
+        denominator = row_kept.sum() if global_batch_size is None else global_batch_size
+        reduced = (torch.where(row_kept.bool(), row_means, 0.0) * row_kept).sum() / denominator * dp_size
+    return 0.5 * reduced

@@ -1,0 +1,318 @@
+"""Tests of valueloss.functional against the independent loop reference in tests/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import grad_loops, loss_loops, token_grad, token_loss
+
+from valueloss import functional as F
+from valueloss.functional import AGGREGATION_MODES, Region
+
+CLIP_EPS = [None, 0.0, 0.05, 0.25, 0.5, 2.0, math.inf]
+
+# Values on a grid of quarters make exact band edges and exact ties of the max frequent;
+# continuous values cover the generic case.
+grid_value = st.integers(-8, 8).map(lambda k: k / 4)
+real_value = st.floats(-3, 3, allow_nan=False, width=64)
+
+
+@st.composite
+def batches(draw, dtype=torch.float64):
+    """A (B, T) batch with values, old values, returns and a mask of a random kind."""
+    B = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 7))
+    element = draw(st.sampled_from([grid_value, real_value]))
+    arrays = [torch.tensor(draw(st.lists(element, min_size=B * T, max_size=B * T)), dtype=dtype).reshape(B, T)
+              for _ in range(3)]
+    kind = draw(st.sampled_from(["none", "bool", "float", "int"]))
+    if kind == "none":
+        mask = None
+    else:
+        bits = draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T))
+        mask = torch.tensor(bits).reshape(B, T)
+        if kind == "float":
+            weights = draw(st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0]), min_size=B * T, max_size=B * T))
+            mask = mask.to(dtype) * torch.tensor(weights, dtype=dtype).reshape(B, T)
+        elif kind == "int":
+            mask = mask.long()
+    return (*arrays, mask)
+
+
+settings_kw = dict(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(**settings_kw)
+@given(
+    batch=batches(),
+    clip_eps=st.sampled_from(CLIP_EPS),
+    variant=st.sampled_from(F.VARIANTS),
+    mode=st.sampled_from(AGGREGATION_MODES),
+    loss_type=st.sampled_from(F.LOSS_TYPES),
+)
+def test_value_loss_and_gradients_match_loop_reference(batch, clip_eps, variant, mode, loss_type):
+    """Loss, autograd gradient and closed-form gradient equal the float64 loop reference."""
+    values, old_values, returns, mask = batch
+    kw = dict(clip_eps=clip_eps, variant=variant, mode=mode, loss_type=loss_type)
+    values = values.clone().requires_grad_(True)
+    loss = F.value_loss(values, old_values, returns, mask, huber_delta=0.75, **kw)
+    (grad,) = torch.autograd.grad(loss, values)
+    expected = loss_loops(values, old_values, returns, mask, delta=0.75, **kw)
+    expected_grad = grad_loops(values, old_values, returns, mask, delta=0.75, **kw)
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
+    closed = F.value_loss_grad(values.detach(), old_values, returns, mask, huber_delta=0.75, **kw)
+    torch.testing.assert_close(closed, expected_grad, rtol=1e-12, atol=1e-14)
+
+
+@settings(**settings_kw)
+@given(batch=batches(), clip_eps=st.sampled_from(CLIP_EPS), variant=st.sampled_from(F.VARIANTS),
+       loss_type=st.sampled_from(F.LOSS_TYPES))
+def test_elementwise_grad_and_regions_match_reference(batch, clip_eps, variant, loss_type):
+    """Per-token loss, closed-form gradient and region codes agree with the reference token by token."""
+    values, old_values, returns, _ = batch
+    kw = dict(clip_eps=clip_eps, variant=variant, loss_type=loss_type, huber_delta=0.75)
+    loss = F.elementwise_value_loss(values, old_values, returns, **kw)
+    grad = F.elementwise_value_loss_grad(values, old_values, returns, **kw)
+    regions = F.clip_regions(values, old_values, returns, **kw)
+    for index in range(values.numel()):
+        v, o, r = (float(t.reshape(-1)[index]) for t in (values, old_values, returns))
+        assert loss.reshape(-1)[index].item() == token_loss(v, o, r, clip_eps, variant, loss_type, 0.75)
+        assert grad.reshape(-1)[index].item() == pytest.approx(
+            token_grad(v, o, r, clip_eps, variant, loss_type, 0.75), rel=1e-15, abs=0)
+        region = Region(int(regions.reshape(-1)[index]))
+        outside = clip_eps is not None and abs(v - o) > clip_eps
+        assert (region != Region.INSIDE) == outside
+        if region == Region.CLIPPED:
+            assert grad.reshape(-1)[index].item() == 0.0
+
+
+def test_closed_form_matches_autograd_at_band_edges_and_ties():
+    """At |v - old| == clip_eps the band is closed, and exact ties of the max split the gradient 50/50."""
+    # (values, old_values, returns): band edge from above and below, a tie outside the band,
+    # a token inside the band, and a token exactly at the return but outside the band.
+    values = torch.tensor([1.25, -0.25, 1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    old_values = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    returns = torch.tensor([3.0, -1.0, 0.625, 1.5, 2.0], dtype=torch.float64)
+    loss = F.elementwise_value_loss(values, old_values, returns, clip_eps=0.25).sum()
+    (autograd,) = torch.autograd.grad(loss, values)
+    closed = F.elementwise_value_loss_grad(values.detach(), old_values, returns, clip_eps=0.25)
+    torch.testing.assert_close(closed, autograd, rtol=0, atol=0)
+    # Band edge: clamp passes the gradient, so both branches equal 2 * (v - R).
+    assert closed[0].item() == 2 * (1.25 - 3.0)
+    assert closed[1].item() == 2 * (-0.25 + 1.0)
+    # Tie outside the band (v_clipped = 0.25, R = 0.625 midway between 0.25 and 1.0): the clipped
+    # branch has no gradient outside the band, so the tie gives half of 2 * (v - R).
+    assert closed[2].item() == 0.5 * 2 * (1.0 - 0.625)
+    # A prediction exactly at the return but outside the band: the clipped branch wins, gradient zero.
+    assert closed[4].item() == 0.0
+    regions = F.clip_regions(values.detach(), old_values, returns, clip_eps=0.25)
+    assert regions.tolist() == [Region.INSIDE, Region.INSIDE, Region.UNCLIPPED, Region.INSIDE, Region.CLIPPED]
+
+
+@pytest.mark.parametrize("variant", F.VARIANTS)
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("loss_type", F.LOSS_TYPES)
+def test_gradcheck_float64(variant, mode, loss_type):
+    """torch.autograd.gradcheck passes away from the kinks, for every variant, mode and loss type."""
+    generator = torch.Generator().manual_seed(0)
+    old_values = torch.randn(3, 5, dtype=torch.float64, generator=generator)
+    # Keep |v - old| away from clip_eps and |v - R| away from huber_delta so finite differences are valid.
+    offsets = torch.tensor([0.05, 0.6, -0.7, 0.1, -0.12], dtype=torch.float64).repeat(3, 1)
+    values = (old_values + offsets).requires_grad_(True)
+    returns = old_values + torch.tensor([1.5, -1.0, 0.9, -0.4, 0.3], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]], dtype=torch.float64)
+
+    def fn(v):
+        return F.value_loss(v, old_values, returns, mask, clip_eps=0.3, variant=variant, mode=mode,
+                            loss_type=loss_type, huber_delta=0.7)
+
+    assert torch.autograd.gradcheck(fn, (values,), eps=1e-6, atol=1e-8)
+
+
+def test_aggregation_weights_reproduce_aggregate():
+    """For every mode, aggregate(L) == sum(aggregation_weights * L), with and without a mask and counts."""
+    generator = torch.Generator().manual_seed(1)
+    loss_mat = torch.rand(4, 6, dtype=torch.float64, generator=generator)
+    mask = torch.rand(4, 6, generator=generator) > 0.4
+    mask[2] = False
+    for mode in AGGREGATION_MODES:
+        for m, counts in [(mask, {}), (None, {}), (mask, dict(dp_size=3, batch_num_tokens=40, global_batch_size=7))]:
+            weights = F.aggregation_weights(m, loss_mat.shape, mode=mode, dtype=torch.float64, **counts)
+            expected = F.aggregate(loss_mat, m, mode=mode, **counts)
+            assert (weights * loss_mat).sum().item() == pytest.approx(expected.item(), rel=1e-14)
+
+
+def test_modes_on_a_hand_computed_batch():
+    """Each aggregation mode gives the number worked out by hand for a small ragged batch."""
+    loss_mat = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    expected = {
+        "token-mean": (1 + 2 + 3 + 4) / 4,
+        "token-sum": 10.0,
+        "seq-mean-token-mean": (2.0 + 4.0) / 2,
+        "seq-mean-token-sum": (6.0 + 4.0) / 2,
+        "seq-mean-token-sum-norm": (6.0 + 4.0) / 2 / 3,
+    }
+    for mode, value in expected.items():
+        assert F.aggregate(loss_mat, mask, mode=mode).item() == pytest.approx(value)
+    assert F.aggregate(loss_mat, mask, mode="seq-mean-token-sum-norm", loss_scale_factor=10).item() == 0.5
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("shape", [(3, 4), (0, 4), (3, 0), (0,), (5,)])
+def test_empty_mask_and_empty_batches_are_finite(mode, shape):
+    """An all-masked batch, an empty tensor or an empty row gives loss 0 and zero gradients, never NaN."""
+    values = torch.randn(shape, requires_grad=True)
+    old_values, returns = torch.randn(shape), torch.randn(shape)
+    for mask in (torch.zeros(shape, dtype=torch.bool), torch.zeros(shape), None if 0 in shape else "skip"):
+        if isinstance(mask, str):
+            continue
+        loss = F.value_loss(values, old_values, returns, mask, clip_eps=0.2, mode=mode)
+        (grad,) = torch.autograd.grad(loss, values)
+        assert loss.item() == 0.0
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_masked_inputs_do_not_leak(mode, bad):
+    """NaN/inf in values, old values or returns at masked-out tokens reach neither loss nor gradients."""
+    generator = torch.Generator().manual_seed(2)
+    values = torch.randn(3, 5, generator=generator)
+    old_values, returns = torch.randn(3, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1] = mask[2, 4] = False
+    dirty = [t.clone() for t in (values, old_values, returns)]
+    for t in dirty:
+        t[~mask] = bad
+    clean_values = values.clone().requires_grad_(True)
+    dirty_values = dirty[0].requires_grad_(True)
+    clean = F.value_loss(clean_values, old_values, returns, mask, clip_eps=0.1, mode=mode)
+    leaked = F.value_loss(dirty_values, dirty[1], dirty[2], mask, clip_eps=0.1, mode=mode)
+    assert leaked.item() == clean.item()
+    (clean_grad,) = torch.autograd.grad(clean, clean_values)
+    (dirty_grad,) = torch.autograd.grad(leaked, dirty_values)
+    assert torch.equal(clean_grad, dirty_grad)
+    closed = F.value_loss_grad(dirty[0], dirty[1], dirty[2], mask, clip_eps=0.1, mode=mode)
+    torch.testing.assert_close(closed, clean_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_accumulated_in_float32(dtype):
+    """Half inputs give the float32 loss of the upcast inputs, and a gradient in the input dtype."""
+    generator = torch.Generator().manual_seed(3)
+    values, old_values, returns = (torch.randn(4, 257, generator=generator).to(dtype) for _ in range(3))
+    mask = torch.rand(4, 257, generator=generator) > 0.3
+    values.requires_grad_(True)
+    loss = F.value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    assert loss.dtype == torch.float32
+    expected = F.value_loss(values.detach().float(), old_values.float(), returns.float(), mask, clip_eps=0.2)
+    assert loss.item() == expected.item()
+    loss.backward()
+    assert values.grad.dtype == dtype
+
+
+def test_huber_matches_torch_huber_loss_times_two():
+    """loss_type='huber' is 2 * torch's huber_loss per token, i.e. e**2 inside delta."""
+    error = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    zeros = torch.zeros_like(error)
+    ours = F.elementwise_value_loss(error, None, zeros, loss_type="huber", huber_delta=0.8)
+    theirs = 2 * torch.nn.functional.huber_loss(error, zeros, reduction="none", delta=0.8)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_regions_without_clipping_are_all_inside():
+    """clip_eps=None means an infinite band: every token is INSIDE and nothing is clipped."""
+    values = torch.randn(2, 3)
+    regions = F.clip_regions(values, values + 5, values - 5, clip_eps=None)
+    assert regions.dtype == torch.uint8
+    assert torch.all(regions == Region.INSIDE)
+
+
+def test_value_loss_traces_without_graph_breaks():
+    """The whole forward compiles with fullgraph=True: no .item(), no data-dependent Python branch (no host sync)."""
+    torch._dynamo.reset()
+    mask = torch.rand(3, 8) > 0.5
+
+    def fn(values, old_values, returns, mask, counts):
+        return F.value_loss(values, old_values, returns, mask, clip_eps=0.2, mode="seq-mean-token-mean",
+                            dp_size=2, global_batch_size=counts)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    args = (torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), mask, torch.tensor(3.0))
+    torch.testing.assert_close(compiled(*args), fn(*args))
+    compiled_token = torch.compile(lambda *a: F.value_loss(*a, clip_eps=0.2), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled_token(*args[:4]), F.value_loss(*args[:4], clip_eps=0.2))
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _inputs(shape=(4, 3)):
+    return torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(clip_eps=-0.1), ValueError, "clip_eps must be None or a non-negative number; got -0.1"),
+        (dict(clip_eps=math.nan), ValueError, "clip_eps must be None or a non-negative number; got nan"),
+        (dict(clip_eps="0.2"), TypeError, "clip_eps must be None or a non-negative real number; got str"),
+        (dict(clip_eps=True), TypeError, "clip_eps must be None or a non-negative real number; got bool"),
+        (dict(mode="mean"), ValueError, "mode must be one of 'token-mean', "),
+        (dict(variant="min"), ValueError, "variant must be one of 'max', 'clipped'; got 'min'"),
+        (dict(loss_type="l1"), ValueError, "loss_type must be one of 'squared', 'huber'; got 'l1'"),
+        (dict(loss_type="huber", huber_delta=0), ValueError, "huber_delta must be a positive number; got 0"),
+        (dict(dp_size=0), ValueError, "dp_size must be a positive integer; got 0"),
+        (dict(dp_size=2), ValueError, "batch_num_tokens (the global count of unmasked tokens) is required"),
+        (dict(dp_size=2, mode="seq-mean-token-mean"), ValueError, "global_batch_size (the global count"),
+        (dict(batch_num_tokens=-1), ValueError, "batch_num_tokens must be a non-negative count; got -1"),
+        (dict(batch_num_tokens=torch.ones(2)), ValueError, "batch_num_tokens must be a scalar"),
+        (dict(scale=math.inf), ValueError, "scale must be a finite number; got inf"),
+        (dict(loss_scale_factor=0, mode="seq-mean-token-sum-norm"), ValueError, "loss_scale_factor must be a positive"),
+    ],
+)
+def test_bad_settings_raise_naming_the_argument(kwargs, error, message):
+    """Each bad setting raises the documented error type with a message naming the argument."""
+    with pytest.raises(error) as info:
+        F.value_loss(*_inputs(), **kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((torch.zeros(64), torch.zeros(64), torch.zeros(64, 1)), ValueError,
+         "values and returns must have the same shape; got (64,) and (64, 1)"),
+        ((torch.zeros(64, 1), torch.zeros(64), torch.zeros(64, 1)), ValueError,
+         "values and old_values must have the same shape; got (64, 1) and (64,)"),
+        ((torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 1)), ValueError,
+         "values and action_mask must have the same shape; got (4, 3) and (4, 1)"),
+        ((torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3), torch.zeros(4, 3)), TypeError,
+         "values must be a floating-point tensor; got dtype torch.int64"),
+        ((torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, 3)), TypeError,
+         "old_values must be a floating-point tensor; got dtype torch.int32"),
+        (([0.0], torch.zeros(1), torch.zeros(1)), TypeError, "values must be a torch.Tensor; got list"),
+        ((torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 3, device="meta")), ValueError,
+         "values and returns must be on the same device; got cpu and meta"),
+        ((torch.zeros(()), torch.zeros(()), torch.zeros(())), ValueError, "values must have at least one dimension"),
+        ((torch.zeros(2), None, torch.zeros(2)), ValueError, "old_values is required when clip_eps is set"),
+    ],
+)
+def test_bad_tensors_raise_naming_the_argument(args, error, message):
+    """Shape mismatches (also (B,) vs (B, 1)), integer tensors, mixed devices raise; nothing broadcasts."""
+    with pytest.raises(error) as info:
+        F.value_loss(*args, clip_eps=0.2)
+    assert message in str(info.value)
+
+
+def test_aggregate_rejects_mismatched_mask():
+    """aggregate refuses a mask that would broadcast."""
+    message = r"loss_mat and action_mask must have the same shape; got \(3, 4\) and \(3, 1\)"
+    with pytest.raises(ValueError, match=message):
+        F.aggregate(torch.zeros(3, 4), torch.ones(3, 1))

@@ -1,0 +1,94 @@
+"""Checks of the project itself: declared dependencies stay in sync, set-up commands, import hygiene."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda-forge name where they differ
+
+
+def _pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        declared += extra
+    requirements = {}
+    for line in declared:
+        requirement = Requirement(line)
+        requirements[canonicalize_name(requirement.name)] = str(requirement.specifier)
+    return requirements
+
+
+def _environment_requirements() -> dict[str, str]:
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert environment["channels"] == ["conda-forge"]
+    entries = []
+    for item in environment["dependencies"]:
+        if isinstance(item, dict):
+            entries += [line for line in item["pip"] if not line.startswith("-e")]
+        elif not re.match(r"^(python|pip)\b", item):
+            entries.append(item)
+    conda_to_pypi = {conda: pypi for pypi, conda in CONDA_NAMES.items()}
+    requirements = {}
+    for line in entries:
+        requirement = Requirement(line)
+        name = conda_to_pypi.get(requirement.name, requirement.name)
+        requirements[canonicalize_name(name)] = str(requirement.specifier)
+    return requirements
+
+
+def test_environment_yml_matches_pyproject():
+    """environment.yml lists exactly pyproject's dependencies and extras, with the same version ranges."""
+    assert _environment_requirements() == _pyproject_requirements()
+
+
+def test_constraints_pin_every_declared_dependency_within_its_range():
+    """constraints.txt pins each declared package exactly, inside the declared range; torch is 2.13.0."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
+    assert pins["torch"] == "2.13.0"
+    for name, specifier in _pyproject_requirements().items():
+        assert name in pins, f"{name} is declared in pyproject.toml but not pinned in constraints.txt"
+        assert Requirement(f"{name}{specifier}").specifier.contains(pins[name], prereleases=True), (name, pins[name])
+
+
+def test_import_does_not_load_plotting_or_widgets():
+    """`import valueloss` loads neither matplotlib nor ipywidgets (checked in a fresh interpreter)."""
+    code = "import sys, valueloss; print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_readme_opens_with_the_two_commands_and_ci_calls_make_test():
+    """The README starts with `make lab` and `make test`; .ci/run runs `make test` and the Makefile has both."""
+    readme = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make lab", "make test"]
+    assert readme.index("make lab") < readme.index("## ")
+    assert re.search(r"^make test$", (ROOT / ".ci/run").read_text(), re.M)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^lab: ", makefile, re.M) and re.search(r"^test: ", makefile, re.M)
+    assert "-c constraints.txt" in makefile
+
+
+def test_packaging_files_exist():
+    """The package is typed (py.typed shipped) and licensed."""
+    assert (ROOT / "valueloss" / "py.typed").exists()
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["valueloss"]
