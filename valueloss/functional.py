@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from enum import IntEnum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -503,6 +504,47 @@ def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_siz
 # --------------------------------------------------------------------------- the whole loss
 
 
+class _Call(NamedTuple):
+    """Validated settings of one call of :func:`value_loss` / :func:`value_loss_grad`."""
+
+    clip_eps: float | None
+    variant: str
+    loss_type: str
+    huber_delta: float
+    mode: str
+    dp_size: int
+    batch_num_tokens: Count
+    global_batch_size: Count
+    loss_scale_factor: float | None
+    scale: float
+
+    def aggregation(self) -> tuple:
+        return self.mode, self.dp_size, self.batch_num_tokens, self.global_batch_size, self.loss_scale_factor
+
+    def elementwise(self) -> tuple:
+        return self.clip_eps, self.variant, self.loss_type, self.huber_delta
+
+
+def _prepare(values, old_values, returns, action_mask, *, clip_eps, variant, mode, loss_type, huber_delta, scale,
+             dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    """Validate everything at the entry point, then cast to the compute dtype and clean masked tokens."""
+    clip_eps, huber_delta = _validate_elementwise(
+        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
+    )
+    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
+        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    call = _Call(clip_eps, variant, loss_type, huber_delta, mode, dp_size, batch_num_tokens, global_batch_size,
+                 loss_scale_factor, _check_scale(scale))
+    tensors = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
+    if action_mask is not None:
+        # Zero the inputs at masked-out tokens first: masking only the loss would still send
+        # 0 * NaN = NaN back through the square to values.grad.
+        keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
+        tensors = tuple(None if t is None else torch.where(keep, t, 0.0) for t in tensors)
+    return call, tensors
+
+
 def value_loss(
     values: Tensor,
     old_values: Tensor | None,
@@ -521,25 +563,13 @@ def value_loss(
     loss_scale_factor: float | None = None,
 ) -> Tensor:
     """``scale * aggregate(elementwise_value_loss(...), action_mask, mode=...)``; see :class:`valueloss.ValueLoss`."""
-    clip_eps, huber_delta = _validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
+    call, (values, old_values, returns) = _prepare(
+        values, old_values, returns, action_mask, clip_eps=clip_eps, variant=variant, mode=mode,
+        loss_type=loss_type, huber_delta=huber_delta, scale=scale, dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
     )
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
-        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-    )
-    scale = _check_scale(scale)
-    dtype = _compute_dtype(values, old_values, returns)
-    values, old_values, returns = _cast(dtype, values, old_values, returns)
-    if action_mask is not None:
-        # Zero the inputs at masked-out tokens first: masking only the loss would still send
-        # 0 * NaN = NaN back through the square to values.grad.
-        keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
-        values, old_values, returns = (
-            None if t is None else torch.where(keep, t, 0.0) for t in (values, old_values, returns)
-        )
-    loss_mat = _elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-    loss = _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    return scale * loss
+    loss_mat = _elementwise(values, old_values, returns, *call.elementwise())
+    return call.scale * _aggregate(loss_mat, action_mask, *call.aggregation())
 
 
 def value_loss_grad(
@@ -564,22 +594,15 @@ def value_loss_grad(
     ``scale * aggregation_weights(...) * elementwise_value_loss_grad(...)``, zero at masked-out
     tokens whatever they hold. Returned in the compute dtype (float32 for half inputs).
     """
-    clip_eps, huber_delta = _validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
+    call, (values, old_values, returns) = _prepare(
+        values, old_values, returns, action_mask, clip_eps=clip_eps, variant=variant, mode=mode,
+        loss_type=loss_type, huber_delta=huber_delta, scale=scale, dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
     )
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
-        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-    )
-    scale = _check_scale(scale)
-    dtype = _compute_dtype(values, old_values, returns)
-    values, old_values, returns = _cast(dtype, values, old_values, returns)
     with torch.no_grad():
-        grad = _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-        weights = _weights(
-            torch.empty_like(values), action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-        )
-        grad = torch.where(weights != 0, grad, 0.0)
-        return scale * weights * grad
+        grad = _elementwise_grad(values, old_values, returns, *call.elementwise())
+        weights = _weights(torch.empty_like(values), action_mask, *call.aggregation())
+        return call.scale * weights * torch.where(weights != 0, grad, 0.0)
 
 
 def _check_scale(scale: object) -> float:
