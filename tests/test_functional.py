@@ -316,3 +316,15 @@ def test_aggregate_rejects_mismatched_mask():
     message = r"loss_mat and action_mask must have the same shape; got \(3, 4\) and \(3, 1\)"
     with pytest.raises(ValueError, match=message):
         F.aggregate(torch.zeros(3, 4), torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("count_dtype", [torch.float64, torch.int64, torch.float16])
+def test_tensor_counts_do_not_change_the_loss_dtype(count_dtype):
+    """A float64 or integer global count keeps a float32 loss (and gradient) in float32."""
+    values, old_values, returns = _inputs()
+    values = values.requires_grad_(True)
+    for mode, counts in [("token-mean", dict(batch_num_tokens=torch.tensor(24, dtype=count_dtype))),
+                         ("seq-mean-token-sum", dict(global_batch_size=torch.tensor(8, dtype=count_dtype)))]:
+        loss = F.value_loss(values, old_values, returns, clip_eps=0.2, mode=mode, dp_size=2, **counts)
+        assert loss.dtype == torch.float32
+        assert F.value_loss_grad(values, old_values, returns, mode=mode, dp_size=2, **counts).dtype == torch.float32

@@ -420,7 +420,14 @@ def aggregate(
     return _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
 
 
+def _count_as(count: Count, dtype: torch.dtype) -> Count:
+    """A tensor count in the loss's dtype, so that a float64 or integer count does not promote the loss."""
+    return count.to(dtype) if isinstance(count, Tensor) else count
+
+
 def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    batch_num_tokens = _count_as(batch_num_tokens, loss_mat.dtype)
+    global_batch_size = _count_as(global_batch_size, loss_mat.dtype)
     masked = _masked(loss_mat, action_mask)
     if mode in ("token-mean", "token-sum"):
         total = masked.sum()
@@ -484,6 +491,8 @@ def aggregation_weights(
 
 
 def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    batch_num_tokens = _count_as(batch_num_tokens, ref.dtype)
+    global_batch_size = _count_as(global_batch_size, ref.dtype)
     mask = torch.ones_like(ref) if action_mask is None else _float_mask(action_mask, ref.dtype)
     if mode == "token-sum":
         return mask * dp_size
