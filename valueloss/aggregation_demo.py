@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib import colors as mcolors
+from matplotlib import patches as mpatches
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -104,12 +105,18 @@ def _new_ax(ax, figsize=(6.0, 3.5)):
 def plot_mask(action_mask: Tensor, ax=None):
     """The mask as an image: a row per sequence, a column per token position; filled = counted."""
     ax = _new_ax(ax)
-    cmap = matplotlib.colors.ListedColormap(["#FFFFFF", COLORS[0]])
+    cmap = mcolors.ListedColormap(["#FFFFFF", COLORS[0]])
     ax.imshow(action_mask.to(torch.float64).numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     counts = action_mask.sum(-1).tolist()
+    handles = [
+        mpatches.Patch(facecolor=COLORS[0], label="response token (mask 1, counted)"),
+        mpatches.Patch(facecolor="#FFFFFF", edgecolor="0.5", label="padding (mask 0, ignored)"),
+    ]
+    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
     ax.set_xlabel("token position t")
     ax.set_ylabel("sequence s")
-    ax.set_title(f"action_mask: {len(counts)} sequences, {int(sum(counts))} response tokens (blue)")
+    length = action_mask.shape[-1]
+    ax.set_title(f"action_mask: {len(counts)} sequences, T = {length}, {int(sum(counts))} response tokens")
     return ax
 
 
@@ -126,7 +133,7 @@ def plot_sequence_weights(action_mask: Tensor, modes: Sequence[str] = ("token-me
     ax.set_xticks(x, [str(int(n)) for n in lengths[order]])
     ax.set_xlabel("sequences, sorted by length (label: unmasked tokens $n_s$)")
     ax.set_ylabel("share of the loss")
-    ax.set_title("Who drives the loss: token-mean weighs by length, seq-mean weighs sequences equally")
+    ax.set_title(f"Share of the loss per sequence ({len(order)} sequences, {int(lengths.sum())} tokens)")
     ax.legend()
     return ax
 
@@ -202,12 +209,15 @@ def plot_error_vs_spread(spreads: Sequence[float], errors: dict, *, title: str =
     """Lines of the relative gradient error (%) of each choice against the length spread."""
     ax = _new_ax(ax)
     markers = dict(zip(NORMALISATIONS, ("o", "s", "^"), strict=True))
+    top = 0.0
     for c in NORMALISATIONS:
         ax.plot(spreads, 100.0 * np.asarray(errors[c]), marker=markers[c], color=CHOICE_COLORS[c], label=c)
+        top = max(top, 100.0 * float(np.max(errors[c])))
+    ax.set_ylim(-0.03 * max(top, 1.0), 1.4 * max(top, 1.0))  # room for the legend above the lines
     ax.set_xlabel("length spread (0: all responses equally long, 1: from 1 token to max_len)")
     ax.set_ylabel(r"$\|g - g_{full}\| / \|g_{full}\|$ (%)")
     ax.set_title(title or "Gradient error of each normalisation vs length spread")
-    ax.legend()
+    ax.legend(loc="upper left", ncols=3)
     return ax
 
 
