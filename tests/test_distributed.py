@@ -144,6 +144,13 @@ def test_forward_kwargs_checks_process_group_size():
     with pytest.raises(ValueError, match="2 rank"):
         forward_kwargs(ValueLoss(0.2), fake)
     assert forward_kwargs("token-sum") == {"dp_size": 1}
+    assert forward_kwargs("token-sum", accumulation_divisor=4) == {"dp_size": 4}
+    with pytest.raises(ValueError, match="local_counts"):
+        forward_kwargs(ValueLoss(0.2), accumulation_divisor=4)  # a mean per micro-batch, scaled by 4: wrong
+    with pytest.raises(ValueError, match="accumulation_divisor must be a positive integer"):
+        forward_kwargs("token-sum", accumulation_divisor=0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        forward_kwargs("token-sum", group=object())
     with pytest.raises(ValueError, match="mode must be one of"):
         forward_kwargs("mean")
     with pytest.raises(TypeError, match="action_masks"):

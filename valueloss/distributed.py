@@ -189,11 +189,7 @@ class GlobalCounts:
                 which promotes a float32 loss to float64).
         """
         mode, loss_scale_factor = _mode_of(mode, loss_scale_factor)
-        if isinstance(accumulation_divisor, bool) or not isinstance(accumulation_divisor, numbers.Integral) or (
-            accumulation_divisor < 1
-        ):
-            raise ValueError(f"accumulation_divisor must be a positive integer; got {accumulation_divisor!r}")
-        kwargs: dict = {"dp_size": self.dp_size * int(accumulation_divisor)}
+        kwargs: dict = {"dp_size": self.dp_size * _check_divisor(accumulation_divisor)}
         if mode in _NEEDS_TOKENS:
             kwargs["batch_num_tokens"] = self.num_tokens if dtype is None else self.num_tokens.to(dtype)
         if mode in _NEEDS_SEQUENCES:
@@ -205,6 +201,14 @@ class GlobalCounts:
                 "set loss_scale_factor (e.g. the maximum response length) on ValueLoss"
             )
         return kwargs
+
+
+def _check_divisor(accumulation_divisor: object) -> int:
+    if isinstance(accumulation_divisor, bool) or not isinstance(accumulation_divisor, numbers.Integral) or (
+        accumulation_divisor < 1
+    ):
+        raise ValueError(f"accumulation_divisor must be a positive integer; got {accumulation_divisor!r}")
+    return int(accumulation_divisor)
 
 
 def _mode_of(mode, loss_scale_factor):
@@ -285,24 +289,32 @@ def forward_kwargs(
     """The ``ValueLoss.forward`` keywords for this process, checked against the process group.
 
     With ``counts``: :meth:`GlobalCounts.forward_kwargs`, after checking that ``counts.dp_size``
-    is the group's size. Without: valid only where no count is needed, i.e. a single process, or
-    ``token-sum`` (then ``dp_size`` = the group's size); otherwise raises ``ValueError`` naming the
-    fix, instead of letting each rank divide by its own count.
+    is the group's size. Without: valid only where the local count is the right one (a single
+    process without accumulation) or no count is needed (``token-sum``; then ``dp_size`` = the
+    group's size times ``accumulation_divisor``); otherwise raises ``ValueError`` naming the fix,
+    instead of letting each rank or micro-batch divide by its own count.
 
     Example:
         >>> from valueloss import ValueLoss
         >>> from valueloss.distributed import forward_kwargs
-        >>> forward_kwargs(ValueLoss(0.2))  # one process: local counts are the global ones
+        >>> forward_kwargs(ValueLoss(0.2))  # one process, one micro-batch: the local count is global
         {'dp_size': 1}
     """
     mode, _ = _mode_of(loss_fn, None)
+    accumulation_divisor = _check_divisor(accumulation_divisor)
     world = _world_size(group)
     if counts is None:
-        if world > 1 and mode != "token-sum":
+        if mode != "token-sum" and world > 1:
             raise ValueError(
                 f"mode={mode!r} divides by a global count, but the process group has {world} ranks and "
                 "no counts were given; compute them once per optimizer step with "
                 "valueloss.distributed.global_counts(<masks of all micro-batches>)"
+            )
+        if mode != "token-sum" and accumulation_divisor > 1:
+            raise ValueError(
+                f"mode={mode!r} divides by a count over the whole accumulation window, but "
+                f"accumulation_divisor={accumulation_divisor} and no counts were given; "
+                "pass counts=local_counts(<masks of all micro-batches>)"
             )
         return {"dp_size": world * accumulation_divisor}
     if not isinstance(counts, GlobalCounts):
