@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CLIP_EPS = 0.2
 MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -247,6 +249,35 @@ def test_compare_normalisations_matches_reference(mode, shards, micro):
         (grad,) = torch.autograd.grad(expected, leaf)
         assert result.losses[strategy] == pytest.approx(float(expected.detach()), rel=1e-12, abs=1e-12), strategy
         torch.testing.assert_close(result.grads[strategy], grad, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 9),
+    length=st.integers(1, 7),
+    shards=st.integers(1, 3),
+    micro=st.integers(1, 3),
+    mode=st.sampled_from(MODES),
+    seed=st.integers(0, 2**16),
+    density=st.floats(0.0, 1.0),
+)
+def test_global_counts_exact_for_any_mask_and_split(batch, length, shards, micro, mode, seed, density):
+    """For any mask (empty rows and batches included) and any split, global counts give the full-batch gradient."""
+    from valueloss.distributed import compare_normalisations
+
+    if shards * micro > batch:
+        shards, micro = 1, 1
+    values, old_values, returns, _ = ragged_batch(batch, length, seed=seed)
+    mask = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < density
+    result = compare_normalisations(
+        values, old_values, returns, mask, num_shards=shards, num_micro_batches=micro, mode=mode
+    )
+    leaf = values.clone().requires_grad_(True)
+    expected = reference_loss(leaf, old_values, returns, mask, mode)
+    (grad,) = torch.autograd.grad(expected, leaf)
+    assert result.losses["global"] == pytest.approx(float(expected.detach()), rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(result.grads["global"], grad, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(result.grads["per-micro-batch"]).all() and torch.isfinite(result.grads["per-rank"]).all()
 
 
 def test_naive_mean_is_wrong_on_ragged_batches():
