@@ -5,8 +5,9 @@ Every aggregation mode except ``token-sum`` divides by a count: the number of un
 sees the batch as ``W`` data-parallel shards of ``k`` micro-batches each, a count taken per
 micro-batch (or per rank) is the wrong divisor: tokens of a micro-batch with few tokens weigh
 more than tokens of a full one, and the critic's effective learning rate changes from step to
-step. The exact recipe (verl ``verl/workers/actor/dp_actor.py`` and ``core_algos.py::agg_loss``
-with ``global_batch_info``, OpenRLHF ``ValueLoss.forward(..., dp_size, batch_num_tokens,
+step. The exact recipe (verl ``verl/trainer/ppo/core_algos.py::agg_loss(..., dp_size,
+batch_num_tokens, global_batch_size, loss_scale_factor)``, called with ``config.global_batch_info``;
+OpenRLHF ``openrlhf/models/loss.py::ValueLoss.forward(..., dp_size, batch_num_tokens,
 global_batch_size)``; checked 2026-11-25):
 
 1. before the first micro-batch of a step, count tokens and non-empty sequences over all
