@@ -1,0 +1,472 @@
+"""Global token and sequence counts for data parallelism and gradient accumulation.
+
+Every aggregation mode except ``token-sum`` divides by a count: the number of unmasked tokens
+(``token-mean``) or of non-empty sequences (the ``seq-mean-*`` modes). When one optimizer step
+sees the batch as ``W`` data-parallel shards of ``k`` micro-batches each, a count taken per
+micro-batch (or per rank) is the wrong divisor: tokens of a micro-batch with few tokens weigh
+more than tokens of a full one, and the critic's effective learning rate changes from step to
+step. The exact recipe (verl ``verl/trainer/ppo/core_algos.py::agg_loss(..., dp_size,
+batch_num_tokens, global_batch_size, loss_scale_factor)``, called with ``config.global_batch_info``;
+OpenRLHF ``openrlhf/models/loss.py::ValueLoss.forward(..., dp_size, batch_num_tokens,
+global_batch_size)``; checked 2026-11-25):
+
+1. before the first micro-batch of a step, count tokens and non-empty sequences over all
+   micro-batches of the step on all ranks (:func:`global_counts`: one ``all_reduce`` of a
+   5-element tensor);
+2. compute each micro-batch's loss with those global counts and ``dp_size = W``
+   (:meth:`GlobalCounts.forward_kwargs`);
+3. call ``backward`` on each micro-batch loss *without* dividing it by ``k`` (gradients add up
+   over the window) and let DDP/FSDP average over the ``W`` ranks.
+
+The gradient is then exactly the full-batch gradient: ``(1/W) * sum_r sum_j sum(m L)_rj / N * W
+= sum(m L) / N``. If the trainer divides every micro-batch loss by ``k`` (Hugging Face
+``Trainer``/``Accelerate`` with ``gradient_accumulation_steps=k``), pass
+``accumulation_divisor=k``: ``dp_size`` becomes ``W * k`` and undoes that division too.
+
+:func:`compare_normalisations` replays the whole split in one process and reports how far the
+usual shortcuts (a mean per micro-batch, counts per rank) are from the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = [
+    "NORMALISATIONS",
+    "GlobalCounts",
+    "NormalisationComparison",
+    "compare_normalisations",
+    "forward_kwargs",
+    "global_counts",
+    "local_counts",
+    "split_batch",
+]
+
+NORMALISATIONS = ("per-micro-batch", "per-rank", "global")
+"""The normalisation choices compared by :func:`compare_normalisations`.
+
+* ``"per-micro-batch"``: each micro-batch uses its own counts and the loss is divided by the
+  number of accumulation steps (the usual "mean of means");
+* ``"per-rank"``: each rank counts over its own accumulation window, but not over the other ranks;
+* ``"global"``: counts over the whole window on all ranks, ``dp_size`` = number of ranks (exact).
+"""
+
+# Modes that need each count when dp_size > 1 (mirrors functional._validate_aggregation).
+_NEEDS_TOKENS = ("token-mean",)
+_NEEDS_SEQUENCES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+MaskWindow = Tensor | Sequence[Tensor]
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _as_window(action_masks: MaskWindow) -> list:
+    if isinstance(action_masks, Tensor):
+        action_masks = [action_masks]
+    if isinstance(action_masks, (str, bytes)) or not isinstance(action_masks, Sequence):
+        raise TypeError(
+            "action_masks must be a tensor or a sequence of tensors (one per micro-batch); "
+            f"got {type(action_masks).__name__}"
+        )
+    if len(action_masks) == 0:
+        raise ValueError("action_masks must hold at least one micro-batch mask; got an empty sequence")
+    for i, mask in enumerate(action_masks):
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"action_masks[{i}] must be a torch.Tensor; got {type(mask).__name__}")
+        if mask.dim() < 1:
+            raise ValueError(f"action_masks[{i}] must have a token dimension (..., T); got a 0-dim tensor")
+        if mask.is_complex():
+            raise TypeError(f"action_masks[{i}] must be a bool, integer or floating-point tensor; got {mask.dtype}")
+        if mask.device != action_masks[0].device:
+            raise ValueError(
+                f"all action_masks must be on one device; got {action_masks[0].device} and {mask.device} (index {i})"
+            )
+    return list(action_masks)
+
+
+def _count_dtype(device: torch.device) -> torch.dtype:
+    # float64 counts are exact up to 2**53 tokens; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _local_stats(action_masks: MaskWindow) -> Tensor:
+    """``[tokens, non-empty sequences, micro-batches, sum T, sum T**2]`` over this process's window.
+
+    The last three let every rank check, after one sum-all-reduce, whether all micro-batches share
+    one padded length ``T`` (``n * sum T**2 == (sum T)**2`` exactly when all are equal).
+    """
+    masks = _as_window(action_masks)
+    device = masks[0].device
+    dtype = _count_dtype(device)
+    stats = torch.zeros(5, dtype=dtype, device=device)
+    for mask in masks:
+        weights = mask.to(dtype)
+        row_counts = weights.sum(dim=-1)
+        length = float(mask.shape[-1])
+        stats = stats + torch.stack(
+            [
+                weights.sum(),
+                (row_counts > 0).to(dtype).sum(),
+                torch.ones((), dtype=dtype, device=device),
+                torch.full((), length, dtype=dtype, device=device),
+                torch.full((), length * length, dtype=dtype, device=device),
+            ]
+        )
+    return stats
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Counts over one optimizer step (all micro-batches of the accumulation window, all ranks).
+
+    Build it with :func:`global_counts` (data parallel) or :func:`local_counts` (one process);
+    pass :meth:`forward_kwargs` to :meth:`valueloss.ValueLoss.forward`.
+
+    Attributes:
+        num_tokens: 0-dim tensor, the number of unmasked tokens (the sum of the masks).
+        num_sequences: 0-dim tensor, the number of sequences with at least one unmasked token.
+        dp_size: the number of data-parallel ranks whose gradients DDP/FSDP average.
+        length_moments: 0-dim tensors ``(micro-batches, sum of T, sum of T**2)`` of the padded
+            lengths ``T``; used only to check ``seq-mean-token-sum-norm``'s default divisor.
+    """
+
+    num_tokens: Tensor
+    num_sequences: Tensor
+    dp_size: int = 1
+    length_moments: tuple = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "num_sequences"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise TypeError(f"{name} must be a one-element tensor; got {type(value).__name__}")
+        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, numbers.Integral) or self.dp_size < 1:
+            raise ValueError(f"dp_size must be a positive integer; got {self.dp_size!r}")
+
+    def seq_len(self) -> int | None:
+        """The padded length ``T`` shared by every micro-batch, or None if they differ or are unknown.
+
+        Reads three numbers on the host (a synchronisation on GPUs); only
+        ``seq-mean-token-sum-norm`` without a fixed ``loss_scale_factor`` needs it.
+        """
+        if len(self.length_moments) != 3:
+            return None
+        n, total, total_sq = (float(t) for t in self.length_moments)
+        if n <= 0 or n * total_sq != total * total:
+            return None
+        return int(round(total / n))
+
+    def forward_kwargs(
+        self,
+        mode: str | torch.nn.Module = "token-mean",
+        *,
+        loss_scale_factor: float | None = None,
+        accumulation_divisor: int = 1,
+        dtype: torch.dtype | None = None,
+    ) -> dict:
+        """Keyword arguments ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` for ``ValueLoss.forward``.
+
+        Only the counts the mode divides by are returned: ``token-mean`` gets ``batch_num_tokens``,
+        the ``seq-mean-*`` modes get ``global_batch_size``, ``token-sum`` gets only ``dp_size``.
+
+        Args:
+            mode: an aggregation mode, or a :class:`valueloss.ValueLoss` (its ``loss_agg_mode`` and
+                ``loss_scale_factor`` are used).
+            loss_scale_factor: the divisor of ``seq-mean-token-sum-norm`` (when ``mode`` is a string).
+                Left at None, each micro-batch divides by its own padded length ``T``, which equals the
+                full-batch divisor only if every micro-batch has the same ``T``; otherwise this raises.
+            accumulation_divisor: what the trainer divides each micro-batch loss by before
+                ``backward`` (``gradient_accumulation_steps`` in HF Trainer/Accelerate); 1 if the
+                micro-batch losses are summed. Multiplies ``dp_size``.
+            dtype: cast the counts to this dtype (e.g. ``values.dtype``; by default they stay float64,
+                which promotes a float32 loss to float64).
+        """
+        mode, loss_scale_factor = _mode_of(mode, loss_scale_factor)
+        kwargs: dict = {"dp_size": self.dp_size * _check_divisor(accumulation_divisor)}
+        if mode in _NEEDS_TOKENS:
+            kwargs["batch_num_tokens"] = self.num_tokens if dtype is None else self.num_tokens.to(dtype)
+        if mode in _NEEDS_SEQUENCES:
+            kwargs["global_batch_size"] = self.num_sequences if dtype is None else self.num_sequences.to(dtype)
+        if mode == "seq-mean-token-sum-norm" and loss_scale_factor is None and self.seq_len() is None:
+            raise ValueError(
+                "mode='seq-mean-token-sum-norm' divides each micro-batch by its own padded length T unless "
+                "loss_scale_factor is set, and the micro-batches of this step have different T; "
+                "set loss_scale_factor (e.g. the maximum response length) on ValueLoss"
+            )
+        return kwargs
+
+
+def _check_divisor(accumulation_divisor: object) -> int:
+    if isinstance(accumulation_divisor, bool) or not isinstance(accumulation_divisor, numbers.Integral) or (
+        accumulation_divisor < 1
+    ):
+        raise ValueError(f"accumulation_divisor must be a positive integer; got {accumulation_divisor!r}")
+    return int(accumulation_divisor)
+
+
+def _mode_of(mode, loss_scale_factor):
+    if isinstance(mode, torch.nn.Module):
+        if not hasattr(mode, "loss_agg_mode"):
+            raise TypeError(f"mode must be an aggregation mode or a ValueLoss; got {type(mode).__name__}")
+        if loss_scale_factor is None:
+            loss_scale_factor = getattr(mode, "loss_scale_factor", None)
+        mode = mode.loss_agg_mode
+    F._check_choice(mode, F.AGGREGATION_MODES, "mode")
+    return mode, loss_scale_factor
+
+
+def _from_stats(stats: Tensor, dp_size: int) -> GlobalCounts:
+    return GlobalCounts(stats[0], stats[1], dp_size, (stats[2], stats[3], stats[4]))
+
+
+def local_counts(action_masks: MaskWindow) -> GlobalCounts:
+    """Counts over the micro-batches of one process's accumulation window, no communication.
+
+    Exact for gradient accumulation on a single process (``dp_size=1``). Under data parallelism
+    use :func:`global_counts`.
+
+    Example:
+        >>> import torch
+        >>> from valueloss.distributed import local_counts
+        >>> window = [torch.tensor([[1, 1, 0], [0, 0, 0]]), torch.tensor([[1, 1, 1]])]
+        >>> counts = local_counts(window)
+        >>> int(counts.num_tokens), int(counts.num_sequences), counts.dp_size
+        (5, 2, 1)
+    """
+    return _from_stats(_local_stats(action_masks), 1)
+
+
+def _world_size(group) -> int:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise RuntimeError("a process group was given but torch.distributed is not initialised")
+        return 1
+    return dist.get_world_size(group)
+
+
+def global_counts(action_masks: MaskWindow, *, group=None) -> GlobalCounts:
+    """Counts over this rank's accumulation window summed over all ranks of ``group``.
+
+    One ``all_reduce`` (sum) of a 5-element tensor on the masks' device; nothing is read on the
+    host. Without an initialised ``torch.distributed`` this equals :func:`local_counts`. Every
+    rank of the group must call it (it is a collective), with the masks of all its micro-batches
+    for the coming optimizer step.
+
+    Args:
+        action_masks: this rank's ``(B_j, T_j)`` mask of each micro-batch (a tensor for one).
+        group: the data-parallel process group (default: the world). Under FSDP/HSDP, the group
+            over which gradients are averaged.
+
+    Returns:
+        :class:`GlobalCounts` with ``dp_size`` = the group's size.
+    """
+    stats = _local_stats(action_masks)
+    world = _world_size(group)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    return _from_stats(stats, world)
+
+
+def forward_kwargs(
+    loss_fn: str | torch.nn.Module,
+    counts: GlobalCounts | None = None,
+    *,
+    group=None,
+    accumulation_divisor: int = 1,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """The ``ValueLoss.forward`` keywords for this process, checked against the process group.
+
+    With ``counts``: :meth:`GlobalCounts.forward_kwargs`, after checking that ``counts.dp_size``
+    is the group's size. Without: valid only where the local count is the right one (a single
+    process without accumulation) or no count is needed (``token-sum``; then ``dp_size`` = the
+    group's size times ``accumulation_divisor``); otherwise raises ``ValueError`` naming the fix,
+    instead of letting each rank or micro-batch divide by its own count.
+
+    Example:
+        >>> from valueloss import ValueLoss
+        >>> from valueloss.distributed import forward_kwargs
+        >>> forward_kwargs(ValueLoss(0.2))  # one process, one micro-batch: the local count is global
+        {'dp_size': 1}
+    """
+    mode, _ = _mode_of(loss_fn, None)
+    accumulation_divisor = _check_divisor(accumulation_divisor)
+    world = _world_size(group)
+    if counts is None:
+        if mode != "token-sum" and world > 1:
+            raise ValueError(
+                f"mode={mode!r} divides by a global count, but the process group has {world} ranks and "
+                "no counts were given; compute them once per optimizer step with "
+                "valueloss.distributed.global_counts(<masks of all micro-batches>)"
+            )
+        if mode != "token-sum" and accumulation_divisor > 1:
+            raise ValueError(
+                f"mode={mode!r} divides by a count over the whole accumulation window, but "
+                f"accumulation_divisor={accumulation_divisor} and no counts were given; "
+                "pass counts=local_counts(<masks of all micro-batches>)"
+            )
+        return {"dp_size": world * accumulation_divisor}
+    if not isinstance(counts, GlobalCounts):
+        raise TypeError(f"counts must be a GlobalCounts or None; got {type(counts).__name__}")
+    if counts.dp_size != world:
+        raise ValueError(
+            f"counts were summed over {counts.dp_size} rank(s) but the process group has {world}; "
+            "use global_counts(..., group=<the data-parallel group>)"
+        )
+    return counts.forward_kwargs(loss_fn, accumulation_divisor=accumulation_divisor, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- the worked example
+
+
+def split_batch(tensor: Tensor, num_shards: int, num_micro_batches: int = 1) -> list:
+    """Split the rows of a ``(B, ...)`` batch into ``num_shards`` ranks of ``num_micro_batches`` each.
+
+    Contiguous rows, as a distributed sampler without shuffling would; sizes differ by at most
+    one row (``torch.tensor_split``). Returns ``[[micro-batch, ...] per rank]`` of views.
+
+    Example:
+        >>> import torch
+        >>> from valueloss.distributed import split_batch
+        >>> [[mb.tolist() for mb in shard] for shard in split_batch(torch.arange(5), 2, 2)]
+        [[[0, 1], [2]], [[3], [4]]]
+    """
+    for name, value in (("num_shards", num_shards), ("num_micro_batches", num_micro_batches)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if not isinstance(tensor, Tensor) or tensor.dim() < 1:
+        raise ValueError("tensor must be a tensor with a batch dimension")
+    if tensor.shape[0] < num_shards * num_micro_batches:
+        raise ValueError(
+            f"a batch of {tensor.shape[0]} rows cannot be split into {num_shards} shards x "
+            f"{num_micro_batches} micro-batches (needs at least {num_shards * num_micro_batches} rows)"
+        )
+    return [list(torch.tensor_split(shard, num_micro_batches)) for shard in torch.tensor_split(tensor, num_shards)]
+
+
+@dataclass(frozen=True)
+class NormalisationComparison:
+    """Result of :func:`compare_normalisations`; losses and relative errors as Python floats.
+
+    Attributes:
+        mode, num_shards, num_micro_batches: the setting compared.
+        full_loss: the loss of the whole batch in one piece.
+        losses: per choice in :data:`NORMALISATIONS`, the loss the optimizer effectively minimises
+            (after the trainer's division by the accumulation steps and DDP's average over ranks).
+        loss_errors: ``|loss - full_loss| / |full_loss|`` (absolute if ``full_loss`` is 0).
+        grad_errors: ``||g - g_full|| / ||g_full||`` of the gradient with respect to ``values``.
+        grads: the gradient with respect to ``values`` per choice, plus ``"full"``.
+    """
+
+    mode: str
+    num_shards: int
+    num_micro_batches: int
+    full_loss: float
+    losses: dict
+    loss_errors: dict
+    grad_errors: dict
+    grads: dict = field(repr=False)
+
+
+def _relative(error: float, reference: float) -> float:
+    return error / abs(reference) if reference != 0 else error
+
+
+def compare_normalisations(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    action_mask: Tensor,
+    *,
+    num_shards: int = 2,
+    num_micro_batches: int = 2,
+    mode: str = "token-mean",
+    clip_eps: float | None = 0.2,
+    loss_scale_factor: float | None = None,
+    **loss_kwargs,
+) -> NormalisationComparison:
+    """Replay data parallelism and gradient accumulation in one process and compare normalisations.
+
+    The ``(B, T)`` batch is cut with :func:`split_batch` into ``num_shards`` ranks of
+    ``num_micro_batches`` micro-batches. For each choice in :data:`NORMALISATIONS` the loss of every
+    micro-batch is computed with :func:`valueloss.functional.value_loss`, combined the way a trainer
+    and DDP combine gradients (sum over the window, or its mean for ``"per-micro-batch"``; mean over
+    ranks), and differentiated with respect to ``values``. ``loss_kwargs`` go to ``value_loss``
+    (``variant``, ``loss_type``, ``huber_delta``, ``scale``).
+
+    Example:
+        >>> import torch
+        >>> from valueloss.distributed import compare_normalisations
+        >>> values, old_values, returns = torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 3)
+        >>> mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 1], [1, 1, 1]])
+        >>> result = compare_normalisations(values, old_values, returns, mask, num_shards=2, num_micro_batches=1)
+        >>> round(result.full_loss, 6), round(result.losses["global"], 6)
+        (0.5, 0.5)
+        >>> round(result.grad_errors["per-rank"], 4)  # rank 0 has 4 tokens, rank 1 has 6
+        0.2041
+    """
+    F._check_choice(mode, F.AGGREGATION_MODES, "mode")
+    if not isinstance(action_mask, Tensor):
+        raise TypeError(f"action_mask must be a torch.Tensor; got {type(action_mask).__name__}")
+    if values.dim() != 2:
+        raise ValueError(f"values must be a (B, T) batch; got shape {tuple(values.shape)}")
+    common = dict(clip_eps=clip_eps, mode=mode, loss_scale_factor=loss_scale_factor, **loss_kwargs)
+    leaf = values.detach().clone().requires_grad_(True)
+
+    full = F.value_loss(leaf, old_values, returns, action_mask, **common)
+    (grad_full,) = torch.autograd.grad(full, leaf)
+
+    pieces = [split_batch(t, num_shards, num_micro_batches) for t in (leaf, old_values, returns, action_mask)]
+    shards = [list(zip(*(p[r] for p in pieces), strict=True)) for r in range(num_shards)]
+    everything = local_counts([mb[3] for shard in shards for mb in shard])
+    dtype = F._compute_dtype(leaf, old_values, returns)
+
+    losses, grads = {}, {"full": grad_full}
+    for choice in NORMALISATIONS:
+        total = leaf.new_zeros(())
+        for shard in shards:
+            rank_counts = local_counts([mb[3] for mb in shard])
+            for v, ov, ret, m in shard:
+                if choice == "per-micro-batch":
+                    loss = F.value_loss(v, ov, ret, m, **common) / num_micro_batches
+                elif choice == "per-rank":
+                    loss = F.value_loss(v, ov, ret, m, **common, **_counts_kwargs(rank_counts, 1, dtype))
+                else:
+                    loss = F.value_loss(v, ov, ret, m, **common, **_counts_kwargs(everything, num_shards, dtype))
+                total = total + loss / num_shards  # DDP averages gradients over ranks
+        (grad,) = torch.autograd.grad(total, leaf)
+        losses[choice], grads[choice] = float(total.detach()), grad
+
+    full_loss = float(full.detach())
+    grad_norm = float(grad_full.norm())
+    return NormalisationComparison(
+        mode=mode,
+        num_shards=num_shards,
+        num_micro_batches=num_micro_batches,
+        full_loss=full_loss,
+        losses=losses,
+        loss_errors={c: _relative(abs(losses[c] - full_loss), full_loss) for c in NORMALISATIONS},
+        grad_errors={c: _relative(float((grads[c] - grad_full).norm()), grad_norm) for c in NORMALISATIONS},
+        grads=grads,
+    )
+
+
+def _counts_kwargs(counts: GlobalCounts, dp_size: int, dtype: torch.dtype) -> dict:
+    """Both counts (every mode ignores the one it does not need) with an explicit ``dp_size``."""
+    return {
+        "dp_size": dp_size,
+        "batch_num_tokens": counts.num_tokens.to(dtype),
+        "global_batch_size": counts.num_sequences.to(dtype),
+    }
