@@ -322,3 +322,24 @@ def test_peer_gradient_map_regions():
     torch.testing.assert_close(grad_max[live], (delta - residual)[live])
     inside = delta.abs() < 0.2 - 1e-9
     torch.testing.assert_close(grad_sb3[inside], 2 * (delta - residual)[inside])
+
+
+def test_pairwise_agreement_groups():
+    """ppo2 == CleanRL and verl == TRL == DeepSpeed-Chat bitwise; SB3 and the seq-mean differ from the rest."""
+    values, old, returns, mask = _batch(13, shape=(7, 33))
+    verdicts = P.pairwise_agreement(values, old, returns, mask, clip_eps=0.2)
+    assert verdicts[("baselines ppo2", "CleanRL")] == "bitwise"
+    assert verdicts[("verl", "TRL")] == verdicts[("TRL", "DeepSpeed-Chat")] == "bitwise"
+    assert verdicts[("OpenRLHF", "verl")] in ("bitwise", "close")
+    assert all(v == "differs" for k, v in verdicts.items() if "Stable-Baselines3" in k)
+    assert len(verdicts) == 9 * 8 // 2
+
+
+def test_format_tables_show_every_peer():
+    """The text tables list each peer once, with its settings and rounded numbers."""
+    table = P.format_peer_table()
+    assert all(name in table for name in P.PEERS) and "variant='clipped', scale=1.0 on values[mask]" in table
+    values, old, returns, mask = _batch(14)
+    results = P.run_peers(values, old, returns, mask, clip_eps=0.2)
+    text = P.format_results(results, digits=4)
+    assert f"{results[0].loss:.4f}" in text and len(text.splitlines()) == 1 + len(results)

@@ -47,8 +47,11 @@ __all__ = [
     "colossalchat_value_loss",
     "deepspeed_chat_value_loss",
     "empty_mask_behaviour",
+    "format_peer_table",
+    "format_results",
     "offset_clip_mismatch_fraction",
     "openrlhf_value_loss",
+    "pairwise_agreement",
     "peer_gradient_map",
     "run_peers",
     "sb3_value_loss",
@@ -646,3 +649,56 @@ def peer_gradient_map(
     returns = old_values + residual
     _, grad = _loss_and_grad(lambda v: _call_peer(peer, v, old_values, returns, None, clip_eps), values)
     return delta, residual, grad * delta.numel()
+
+
+def pairwise_agreement(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    action_mask: Optional[Tensor] = None,
+    *,
+    clip_eps: float = 0.2,
+    rtol: float = 1e-6,
+) -> dict[tuple[str, str], str]:
+    """For every pair of peers: ``"bitwise"`` (loss and gradient identical), ``"close"`` (within ``rtol``), or
+    ``"differs"``. Flat peers see ``values[mask]``; gradients are compared on the full ``values`` tensor."""
+    outputs = {}
+    for name, peer in PEERS.items():
+        outputs[name] = _loss_and_grad(lambda v, peer=peer: _call_peer(peer, v, old_values, returns, action_mask,
+                                                                       clip_eps), values)
+    names = list(PEERS)
+    verdicts = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (loss_a, grad_a), (loss_b, grad_b) = outputs[a], outputs[b]
+            if torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b):
+                verdicts[(a, b)] = "bitwise"
+            elif torch.allclose(loss_a, loss_b, rtol=rtol, atol=0) and torch.allclose(
+                grad_a, grad_b, rtol=rtol, atol=rtol * float(grad_a.abs().max())
+            ):
+                verdicts[(a, b)] = "close"
+            else:
+                verdicts[(a, b)] = "differs"
+    return verdicts
+
+
+def format_peer_table() -> str:
+    """The :data:`PEERS` table as aligned text: clip form, reduction, reproducing settings, agreement."""
+    lines = [f"{'peer':<19}{'clip form':<10}{'ValueLoss(clip_eps, ...)':<47}{'agreement':<10}"]
+    for peer in PEERS.values():
+        settings = ", ".join(f"{k}={v!r}" for k, v in peer.valueloss_settings.items()) or "(defaults)"
+        if peer.flat:
+            settings += " on values[mask]"
+        lines.append(f"{peer.name:<19}{peer.clip_form:<10}{settings:<47}{peer.agreement:<10}")
+    return "\n".join(lines)
+
+
+def format_results(results: list[PeerResult], digits: int = 6) -> str:
+    """:func:`run_peers` results as aligned text (losses and gradient norms rounded to ``digits``)."""
+    lines = [f"{'peer':<19}{'loss':>12}{'|grad|':>12}{'ValueLoss':>12}{'|grad|':>12}  bitwise"]
+    for r in results:
+        lines.append(
+            f"{r.name:<19}{r.loss:>12.{digits}f}{r.grad_norm:>12.{digits}f}{r.valueloss_loss:>12.{digits}f}"
+            f"{r.valueloss_grad_norm:>12.{digits}f}  {'yes' if r.bitwise_equal else 'no'}"
+        )
+    return "\n".join(lines)
