@@ -542,7 +542,7 @@ def format_report(report: InspectReport, *, top: int = 8) -> str:
     for i, count in enumerate(report.histogram_counts):
         label = f"[{_edge(edges[i])}, {_edge(edges[i + 1])})"
         bar = "#" * round(40 * count / widest)
-        add(f"    {label:>14} {count:7d} {100 * count / total:6.2f}%  {bar}")
+        add(f"    {label:>14} {count:7d} {100 * count / total:6.2f}%  {bar}".rstrip())
     add("")
     add("  clip fraction by position in the response (each tenth, start -> end):")
     add("    " + " ".join(f"{100 * x:5.1f}" for x in report.clip_fraction_by_position) + "  (%)")
