@@ -157,13 +157,15 @@ def verl_agg_loss(
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
 ) -> Tensor:
-    """verl's ``agg_loss``: reduce a ``(B, T)`` loss with one of five modes and optional global counts.
+    """verl's ``agg_loss``: reduce a ``(B, T)`` loss with one of four modes and optional global counts.
 
     Source: ``volcengine/verl``, ``verl/trainer/ppo/core_algos.py``, ``agg_loss`` (the version with
     ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``), checked
     2026-11-25. A zero count returns ``0 * loss_mat.sum()`` (so an empty mask gives 0, not NaN);
     ``seq-mean-token-mean`` divides each row by ``n_s + 1e-8``; a missing global count with
-    ``dp_size > 1`` raises.
+    ``dp_size > 1`` raises. The checked version knows ``token-mean``, ``seq-mean-token-sum``,
+    ``seq-mean-token-mean`` and ``seq-mean-token-sum-norm``; anything else (including ``token-sum``,
+    which :func:`valueloss.functional.aggregate` adds) raises ``ValueError`` as verl does.
     """
     zero_loss = loss_mat.sum() * 0.0
     mask = loss_mask.to(loss_mat.dtype)
@@ -175,8 +177,8 @@ def verl_agg_loss(
         if float(batch_num_tokens) == 0:
             return zero_loss
         return (loss_mat * mask).sum() / batch_num_tokens * dp_size
-    if loss_agg_mode == "token-sum":
-        return (loss_mat * mask).sum() * dp_size
+    if loss_agg_mode not in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}")
     row_counts = mask.sum(dim=-1)
     row_nonempty = (row_counts > 0).to(loss_mat.dtype)
     if global_batch_size is None:
@@ -191,10 +193,8 @@ def verl_agg_loss(
         if loss_agg_mode == "seq-mean-token-sum-norm":
             loss = loss / (loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1])
         return loss
-    if loss_agg_mode == "seq-mean-token-mean":
-        row_losses = (loss_mat * mask).sum(dim=-1) / (row_counts + 1e-8)
-        return (row_losses * row_nonempty).sum() / global_batch_size * dp_size
-    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}")
+    row_losses = (loss_mat * mask).sum(dim=-1) / (row_counts + 1e-8)  # seq-mean-token-mean
+    return (row_losses * row_nonempty).sum() / global_batch_size * dp_size
 
 
 def verl_value_loss(
@@ -430,7 +430,7 @@ PEERS: Mapping[str, Peer] = MappingProxyType(
             function=verl_value_loss,
             source="volcengine/verl verl/trainer/ppo/core_algos.py compute_value_loss + agg_loss",
             clip_form="clamp",
-            reduction="0.5 * agg_loss(mode) with optional global counts; also returns vf_clipfrac (strict >)",
+            reduction="0.5 * agg_loss(mode, 4 modes) with optional global counts; also returns vf_clipfrac (strict >)",
             valueloss_settings={"loss_agg_mode": "token-mean"},
             flat=False,
             agreement="tolerance",
