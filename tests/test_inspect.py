@@ -380,3 +380,13 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, valueloss.inspect, valueloss.cli, valueloss.peers; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_analysing_the_sample_is_cheap():
+    """Loading, analysing and formatting the sample costs well under a second of CPU (torch import excluded)."""
+    import time
+
+    vi.format_report(vi.inspect_batch(vi.load_batch(SAMPLE)))  # warm up lazy torch kernels
+    start = time.process_time()
+    vi.format_report(vi.inspect_batch(vi.load_batch(SAMPLE), clip_eps=0.2))
+    assert time.process_time() - start < 0.5
