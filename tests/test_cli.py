@@ -1,0 +1,90 @@
+"""Tests of the command line ``valueloss inspect`` (run in subprocesses: exit codes, text, JSON, PNG)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from valueloss.cli import build_parser, main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.pt"
+
+
+def run(*args):
+    """Run ``python -m valueloss ARGS`` and return the completed process."""
+    return subprocess.run([sys.executable, "-m", "valueloss", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _batch(**change):
+    g = torch.Generator().manual_seed(0)
+    data = {k: torch.randn(3, 5, generator=g) for k in ("values", "old_values", "returns")}
+    data["action_mask"] = torch.ones(3, 5, dtype=torch.bool)
+    data.update(change)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def test_text_report_on_the_sample():
+    """The sample prints a readable report with exit code 0."""
+    out = run("inspect", SAMPLE)
+    assert out.returncode == 0, out.stderr
+    assert "valueloss inspect:" in out.stdout and "have zero gradient (clip fraction)" in out.stdout
+    assert "suggestion  clip_eps in [" in out.stdout and out.stderr == ""
+
+
+def test_json_report_and_plot(tmp_path):
+    """--json prints parseable JSON with the chosen settings; --plot writes a PNG."""
+    png = tmp_path / "out.png"
+    out = run("inspect", SAMPLE, "--json", "--clip-eps", "0.1", "--mode", "seq-mean-token-mean", "--plot", png)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["clip_eps"] == 0.1 and data["mode"] == "seq-mean-token-mean"
+    assert data["num_tokens"] == 783 and len(data["sequences"]) == 24
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+BAD = {
+    "bad file": (lambda p: p.write_bytes(b"not a batch"), "weights_only=True"),
+    "missing key": (lambda p: torch.save(_batch(returns=None), p), "missing key(s) returns"),
+    "mismatched shapes": (lambda p: torch.save(_batch(old_values=torch.zeros(3, 4)), p),
+                          "values and old_values must have the same shape; got (3, 5) and (3, 4)"),
+    "nan": (lambda p: torch.save(_batch(values=torch.full((3, 5), float("nan"))), p),
+            "values has 15 NaN/inf value(s) at unmasked positions"),
+    "empty mask": (lambda p: torch.save(_batch(action_mask=torch.zeros(3, 5, dtype=torch.bool)), p),
+                   "selects no token"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_files_exit_2_with_a_clear_message(tmp_path, case):
+    """Each kind of bad file exits with code 2 and says what is wrong on stderr, nothing on stdout."""
+    write, message = BAD[case]
+    path = tmp_path / "batch.pt"
+    write(path)
+    out = run("inspect", path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("valueloss inspect: error: ") and message in out.stderr
+    assert out.stdout == ""
+
+
+def test_bad_arguments_exit_2(capsys):
+    """Unknown mode, non-positive clip_eps, inverted target and a missing file all exit with 2."""
+    for argv in (["inspect", str(SAMPLE), "--mode", "mean"], ["inspect", str(SAMPLE), "--clip-eps", "0"],
+                 ["inspect", str(SAMPLE), "--clip-eps", "abc"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert main(["inspect", str(SAMPLE), "--target-clip-fraction", "0.3", "0.1"]) == 2
+    assert "LOW must be <= HIGH" in capsys.readouterr().err
+    assert main(["inspect", "/nonexistent/batch.pt"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_parser_defaults():
+    """Defaults: clip_eps 0.2, token-mean, target 5-15%, text output."""
+    args = build_parser().parse_args(["inspect", "b.pt"])
+    assert (args.clip_eps, args.mode, tuple(args.target_clip_fraction), args.json) == (0.2, "token-mean",
+                                                                                       (0.05, 0.15), False)

@@ -1,0 +1,42 @@
+"""Tests of valueloss.peers_plots: the plotted data equals the peers' gradients and losses."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from valueloss import peers as P  # noqa: E402
+from valueloss import peers_plots as PP  # noqa: E402
+
+
+def test_gradient_map_shows_the_peer_gradient():
+    """The mesh holds peer_gradient_map's values; band lines sit at +-clip_eps."""
+    ax = PP.plot_gradient_map("Stable-Baselines3", clip_eps=0.3, num=21)
+    mesh = ax.collections[0]
+    _, _, grad = P.peer_gradient_map("Stable-Baselines3", clip_eps=0.3, num=21)
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(21, 21), grad.numpy())
+    xs = sorted(line.get_xdata()[0] for line in ax.get_lines()[:2])
+    np.testing.assert_allclose(xs, [-0.3, 0.3])
+    assert "0.3" in ax.get_title() and ax.get_xlabel() == r"$v - v_{old}$"
+
+
+def test_gradient_difference_is_zero_inside_the_band_for_sb3_vs_scaled_max():
+    """SB3 minus CleanRL: inside the band SB3's gradient is twice CleanRL's, so the difference equals CleanRL's."""
+    ax = PP.plot_gradient_difference("Stable-Baselines3", "CleanRL", clip_eps=0.2, num=21)
+    diff = np.asarray(ax.collections[0].get_array()).reshape(21, 21)
+    delta, _, grad_cleanrl = P.peer_gradient_map("CleanRL", clip_eps=0.2, num=21)
+    inside = (delta.abs() < 0.2 - 1e-9).numpy()
+    np.testing.assert_allclose(diff[inside], grad_cleanrl.numpy()[inside], atol=1e-12)
+
+
+def test_peer_losses_bars_and_markers():
+    """One bar per peer with its loss; markers at ValueLoss's losses."""
+    g = torch.Generator().manual_seed(0)
+    values, old, returns = (torch.randn(3, 8, generator=g) for _ in range(3))
+    results = P.run_peers(values, old, returns, torch.ones(3, 8, dtype=torch.bool), clip_eps=0.2)
+    ax = PP.plot_peer_losses(results, clip_eps=0.2)
+    np.testing.assert_allclose([p.get_width() for p in ax.patches], [r.loss for r in results])
+    np.testing.assert_allclose(ax.get_lines()[0].get_xdata(), [r.valueloss_loss for r in results])
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r.name for r in results]

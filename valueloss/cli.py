@@ -1,0 +1,102 @@
+"""The ``valueloss`` command line: ``valueloss inspect BATCH`` reports what clipping does to a saved batch.
+
+Exit codes: 0 success, 2 bad arguments or a file that is not a valid batch (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from .functional import AGGREGATION_MODES
+
+__all__ = ["build_parser", "main"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number; got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1]; got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1]; got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``valueloss`` (sub-command ``inspect``)."""
+    parser = argparse.ArgumentParser(prog="valueloss", description="PPO's clipped value-function loss, measured.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect",
+        help="report what value clipping does to a saved batch",
+        description="Load a batch (.pt via torch.load(weights_only=True), .npz, .safetensors) holding values, "
+        "old_values, returns and optionally action_mask, and report loss, clip fraction, explained variance, "
+        "the drift histogram, where gradients die, and a clip_eps range for a target clip fraction.",
+    )
+    inspect.add_argument("batch", metavar="BATCH", help="path to the batch file")
+    inspect.add_argument("--clip-eps", type=_positive_float, default=0.2, help="clip range (default: 0.2)")
+    inspect.add_argument(
+        "--mode", choices=AGGREGATION_MODES, default="token-mean", help="aggregation mode (default: token-mean)"
+    )
+    inspect.add_argument(
+        "--target-clip-fraction",
+        type=_fraction,
+        nargs=2,
+        default=(0.05, 0.15),
+        metavar=("LOW", "HIGH"),
+        help="clip fractions that bound the suggested clip_eps range (default: 0.05 0.15)",
+    )
+    inspect.add_argument("--top", type=int, default=8, help="sequences listed in the breakdown (default: 8)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    inspect.add_argument("--plot", metavar="OUT.png", help="also write a PNG figure of the report")
+    return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import BatchError, format_report, inspect_batch, load_batch, plot_report
+
+    low, high = args.target_clip_fraction
+    if low > high:
+        print(f"valueloss inspect: error: --target-clip-fraction LOW must be <= HIGH; got {low} {high}",
+              file=sys.stderr)
+        return 2
+    try:
+        batch = load_batch(args.batch)
+    except BatchError as error:
+        print(f"valueloss inspect: error: {error}", file=sys.stderr)
+        return 2
+    report = inspect_batch(batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report, top=args.top))
+    if args.plot:
+        plot_report(report, args.plot)
+        if not args.json:
+            print(f"\n  figure      written to {args.plot}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; returns the exit code (also used by ``python -m valueloss``)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args)
+    raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects unknown commands first
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

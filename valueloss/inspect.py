@@ -1,0 +1,624 @@
+"""What value clipping does to *your* batch: load, validate and report on a saved rollout batch.
+
+A batch is a mapping with ``values``, ``old_values``, ``returns`` (all ``(B, T)`` or ``(T,)``
+floating point) and optionally ``action_mask`` (bool or 0/1; aliases ``response_mask``,
+``loss_mask``, ``mask``), saved as ``.pt``/``.pth`` (``torch.save`` of a dict; read with
+``torch.load(weights_only=True)``), ``.npz`` (``numpy.savez``) or ``.safetensors`` (needs the
+``safetensors`` package, extra ``valueloss[io]``). :func:`load_batch` raises :class:`BatchError`
+with a message naming the key and what was expected; :func:`inspect_batch` computes an
+:class:`InspectReport`; the command line ``valueloss inspect BATCH`` prints it.
+
+The suggested ``clip_eps`` range comes from a closed form: with ``d = v - old`` and
+``r = R - old``, a token's gradient is killed by the ``max`` form exactly when
+``clip_eps < min(|d|, sign(d) * (2 r - d))`` (for ``variant="clipped"``: when ``clip_eps < |d|``).
+So the clip fraction as a function of ``clip_eps`` is the survival function of these per-token
+thresholds (:func:`clip_thresholds`), and a target clip fraction maps to a quantile.
+
+``synthetic_batch`` generates the sample batch shipped in ``notebooks/data/sample_batch.pt``.
+This module does not import matplotlib until :func:`plot_report` is called.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .diagnostics import diagnose
+from .functional import Region
+
+__all__ = [
+    "MASK_ALIASES",
+    "REQUIRED_KEYS",
+    "Batch",
+    "BatchError",
+    "InspectReport",
+    "clip_fraction_curve",
+    "clip_thresholds",
+    "format_report",
+    "inspect_batch",
+    "load_batch",
+    "load_batch_bytes",
+    "plot_report",
+    "save_batch",
+    "suggest_clip_eps",
+    "synthetic_batch",
+    "validate_batch",
+]
+
+REQUIRED_KEYS = ("values", "old_values", "returns")
+MASK_ALIASES = ("action_mask", "response_mask", "loss_mask", "mask")
+SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
+HISTOGRAM_EDGES = (-math.inf, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
+"""Bin edges of the histogram of ``(values - old_values) / clip_eps``; the band is ``[-1, 1]``."""
+POSITION_BINS = 10
+
+
+class BatchError(ValueError):
+    """A file or mapping that is not a valid batch; the message says what was expected and what arrived."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch: float tensors of one shape ``(B, T)`` and a bool mask of that shape."""
+
+    values: Tensor
+    old_values: Tensor
+    returns: Tensor
+    action_mask: Tensor
+    source: str = "<memory>"
+    ignored_keys: tuple[str, ...] = ()
+    had_mask: bool = True
+    """False when the file held no mask (every token counts)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _to_tensor(name: str, obj: object) -> Tensor:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise BatchError(f"{name} must be a numeric array; got an object array")
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    raise BatchError(f"{name} must be a tensor or array; got {type(obj).__name__}")
+
+
+def validate_batch(mapping: object, *, source: str = "<memory>") -> Batch:
+    """Check a mapping of arrays/tensors and return a :class:`Batch`, or raise :class:`BatchError`.
+
+    Checks: it is a mapping; the keys ``values``, ``old_values``, ``returns`` exist; they are
+    floating point with 1 or 2 dimensions and the same non-empty shape; the mask (if any) has that
+    shape and holds only 0/1; no NaN/inf at unmasked positions; at least one unmasked token.
+    1-D inputs are treated as a single sequence ``(1, T)``. Other keys are ignored (and listed).
+    """
+    if not isinstance(mapping, Mapping):
+        raise BatchError(
+            f"{source}: expected a dict with keys {', '.join(REQUIRED_KEYS)} (and optionally action_mask); "
+            f"got {type(mapping).__name__}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in mapping]
+    if missing:
+        found = ", ".join(sorted(map(str, mapping))) or "none"
+        raise BatchError(f"{source}: missing key(s) {', '.join(missing)}; found keys: {found}")
+    mask_keys = [key for key in MASK_ALIASES if key in mapping]
+    if len(mask_keys) > 1:
+        raise BatchError(f"{source}: found several masks ({', '.join(mask_keys)}); keep exactly one")
+    mask_key = mask_keys[0] if mask_keys else None
+
+    tensors = {}
+    for key in REQUIRED_KEYS:
+        t = _to_tensor(key, mapping[key])
+        if not t.is_floating_point():
+            raise BatchError(f"{source}: {key} must be floating point; got dtype {t.dtype}")
+        tensors[key] = t
+    shape = tensors["values"].shape
+    if len(shape) not in (1, 2):
+        raise BatchError(f"{source}: values must have shape (B, T) or (T,); got {tuple(shape)}")
+    if 0 in shape:
+        raise BatchError(f"{source}: values is empty; got shape {tuple(shape)}")
+    for key in REQUIRED_KEYS[1:]:
+        if tensors[key].shape != shape:
+            raise BatchError(
+                f"{source}: values and {key} must have the same shape; "
+                f"got {tuple(shape)} and {tuple(tensors[key].shape)}"
+            )
+
+    if mask_key is None:
+        mask = torch.ones(shape, dtype=torch.bool)
+    else:
+        raw = _to_tensor(mask_key, mapping[mask_key])
+        if raw.shape != shape:
+            raise BatchError(
+                f"{source}: values and {mask_key} must have the same shape; got {tuple(shape)} and {tuple(raw.shape)}"
+            )
+        if raw.is_complex():
+            raise BatchError(f"{source}: {mask_key} must be bool or 0/1; got dtype {raw.dtype}")
+        if raw.dtype != torch.bool:
+            bad = ~((raw == 0) | (raw == 1))
+            if bool(bad.any()):
+                example = raw[bad].flatten()[0].item()
+                raise BatchError(f"{source}: {mask_key} must hold only 0/1 (or bool); got the value {example!r}")
+        mask = raw != 0
+
+    if len(shape) == 1:
+        tensors = {key: t.unsqueeze(0) for key, t in tensors.items()}
+        mask = mask.unsqueeze(0)
+    if not bool(mask.any()):
+        raise BatchError(f"{source}: {mask_key} selects no token (all zeros); nothing to inspect")
+    for key in REQUIRED_KEYS:
+        bad = mask & ~torch.isfinite(tensors[key])
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise BatchError(
+                f"{source}: {key} has {int(bad.sum())} NaN/inf value(s) at unmasked positions (first at {first})"
+            )
+    ignored = tuple(sorted(str(k) for k in mapping if k not in REQUIRED_KEYS and k != mask_key))
+    dtype = F._compute_dtype(*tensors.values())
+    return Batch(
+        *(tensors[key].to(dtype) for key in REQUIRED_KEYS),
+        action_mask=mask,
+        source=source,
+        ignored_keys=ignored,
+        had_mask=mask_key is not None,
+    )
+
+
+def _read(data: Union[bytes, os.PathLike, str], suffix: str, source: str) -> object:
+    buffer = io.BytesIO(data) if isinstance(data, bytes) else data
+    if suffix in (".pt", ".pth"):
+        try:
+            return torch.load(buffer, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 -- any failure here means "not a loadable batch"
+            raise BatchError(
+                f"{source}: not a PyTorch file that loads with torch.load(weights_only=True) "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+    if suffix == ".npz":
+        try:
+            with np.load(buffer, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+            raise BatchError(f"{source}: not a NumPy .npz archive ({type(error).__name__}: {error})") from error
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load as load_safetensors
+        except ImportError as error:
+            raise BatchError(
+                f"{source}: reading .safetensors needs the safetensors package (pip install 'valueloss[io]')"
+            ) from error
+        try:
+            raw = data if isinstance(data, bytes) else Path(data).read_bytes()
+            return load_safetensors(raw)
+        except Exception as error:  # noqa: BLE001
+            raise BatchError(f"{source}: not a safetensors file ({type(error).__name__}: {error})") from error
+    raise BatchError(f"{source}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}")
+
+
+def load_batch(path: Union[str, os.PathLike]) -> Batch:
+    """Load and validate a batch file (``.pt``, ``.pth``, ``.npz``, ``.safetensors``); raise :class:`BatchError`."""
+    path = Path(path)
+    if not path.exists():
+        raise BatchError(f"{path}: no such file")
+    if path.is_dir():
+        raise BatchError(f"{path}: is a directory, expected a batch file")
+    return validate_batch(_read(path, path.suffix.lower(), str(path)), source=str(path))
+
+
+def load_batch_bytes(data: bytes, filename: str) -> Batch:
+    """Like :func:`load_batch`, for the bytes of an uploaded file; ``filename`` gives the format."""
+    return validate_batch(_read(bytes(data), Path(filename).suffix.lower(), filename), source=filename)
+
+
+def save_batch(batch: Batch, path: Union[str, os.PathLike]) -> None:
+    """Save a batch as ``.pt`` (a dict of tensors, loadable with ``weights_only=True``) or ``.npz``."""
+    path = Path(path)
+    tensors = {
+        "values": batch.values,
+        "old_values": batch.old_values,
+        "returns": batch.returns,
+        "action_mask": batch.action_mask,
+    }
+    if path.suffix == ".npz":
+        np.savez(path, **{key: t.numpy() for key, t in tensors.items()})
+    elif path.suffix in (".pt", ".pth"):
+        torch.save({key: t.contiguous().clone() for key, t in tensors.items()}, path)
+    else:
+        raise ValueError(f"path must end in .pt, .pth or .npz; got {path.name!r}")
+
+
+# --------------------------------------------------------------------------- the synthetic sample
+
+
+def synthetic_batch(
+    seed: int = 0,
+    *,
+    batch_size: int = 24,
+    max_len: int = 64,
+    min_len: int = 4,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    kl_coef: float = 0.05,
+    learning_rate: float = 0.35,
+    drift_noise: float = 0.12,
+) -> Batch:
+    """A reproducible RLHF-like critic batch: ragged responses, GAE returns, one step of value drift.
+
+    Each of ``batch_size`` responses has a length drawn uniformly in ``[min_len, max_len]``
+    (right padding; padded positions hold 0 and are masked out). Rewards are a per-token KL
+    penalty ``-kl_coef * |N(0, 1)|`` plus a terminal score ``N(0, 1)``. ``old_values`` is a
+    critic that knows part of the return (``0.6 * G_t`` plus a smooth per-sequence bias and noise);
+    ``returns`` are GAE(``gamma``, ``lam``) returns computed with those ``old_values``. ``values``
+    is the critic after one optimiser step: it moves ``learning_rate`` of the way from
+    ``old_values`` to ``returns`` plus heavy-tailed (Student-t, 3 dof) noise of scale
+    ``drift_noise``, so a realistic share of tokens leaves a ``clip_eps=0.2`` band.
+    """
+    if batch_size < 1 or min_len < 1 or max_len < min_len:
+        raise ValueError(
+            f"need batch_size >= 1 and 1 <= min_len <= max_len; got {batch_size}, {min_len}, {max_len}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (batch_size,), generator=generator)
+    positions = torch.arange(max_len)
+    mask = positions[None, :] < lengths[:, None]
+    rewards = -kl_coef * torch.randn(batch_size, max_len, generator=generator, dtype=torch.float64).abs()
+    score = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+    rewards[torch.arange(batch_size), lengths - 1] += score
+    rewards = torch.where(mask, rewards, 0.0)
+
+    # Monte-Carlo return-to-go, then a critic that knows part of it.
+    to_go = torch.zeros_like(rewards)
+    running = torch.zeros(batch_size, dtype=torch.float64)
+    for t in reversed(range(max_len)):
+        running = rewards[:, t] + gamma * running
+        to_go[:, t] = running
+    bias = 0.3 * torch.randn(batch_size, 1, generator=generator, dtype=torch.float64)
+    ramp = torch.linspace(1.0, 0.2, max_len, dtype=torch.float64)[None, :]
+    noise = 0.1 * torch.randn(batch_size, max_len, generator=generator, dtype=torch.float64)
+    old_values = torch.where(mask, 0.6 * to_go + bias * ramp + noise, 0.0)
+
+    # GAE returns with the old critic.
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(batch_size, dtype=torch.float64)
+    for t in reversed(range(max_len)):
+        next_value = old_values[:, t + 1] if t + 1 < max_len else torch.zeros(batch_size, dtype=torch.float64)
+        next_value = torch.where(mask[:, t + 1] if t + 1 < max_len else torch.zeros_like(mask[:, 0]), next_value, 0.0)
+        delta = rewards[:, t] + gamma * next_value - old_values[:, t]
+        last = torch.where(mask[:, t], delta + gamma * lam * last, 0.0)
+        advantages[:, t] = last
+    returns = torch.where(mask, advantages + old_values, 0.0)
+
+    # Student-t with 3 degrees of freedom: a normal over sqrt(chi2_3 / 3).
+    normal = torch.randn(batch_size, max_len, generator=generator, dtype=torch.float64)
+    chi2 = (torch.randn(3, batch_size, max_len, generator=generator, dtype=torch.float64) ** 2).sum(dim=0)
+    heavy = normal / torch.sqrt(chi2 / 3.0)
+    values = torch.where(mask, old_values + learning_rate * (returns - old_values) + drift_noise * heavy, 0.0)
+    return Batch(
+        values=values.float(),
+        old_values=old_values.float(),
+        returns=returns.float(),
+        action_mask=mask,
+        source=f"synthetic_batch(seed={seed})",
+    )
+
+
+# --------------------------------------------------------------------------- the analysis
+
+
+def clip_thresholds(values: Tensor, old_values: Tensor, returns: Tensor, *, variant: str = "max") -> Tensor:
+    """Per token, the largest ``clip_eps`` at which clipping kills its gradient (0 if it never does).
+
+    For the squared loss with ``variant="max"``: ``t = max(0, min(|d|, sign(d) * (2 r - d)))`` with
+    ``d = values - old_values`` and ``r = returns - old_values``; the token is in
+    :attr:`Region.CLIPPED` exactly when ``clip_eps < t``. For ``variant="clipped"``: ``t = |d|``.
+    """
+    F._check_choice(variant, F.VARIANTS, "variant")
+    delta = values - old_values
+    if variant == "clipped":
+        return delta.abs()
+    residual = returns - old_values
+    threshold = torch.minimum(delta.abs(), torch.sign(delta) * (2 * residual - delta))
+    return threshold.clamp(min=0)
+
+
+def clip_fraction_curve(thresholds: Tensor, clip_eps: Tensor) -> Tensor:
+    """Clip fraction at each ``clip_eps``: the share of ``thresholds`` strictly above it."""
+    ordered = torch.sort(thresholds.flatten().double()).values
+    above = ordered.numel() - torch.searchsorted(ordered, clip_eps.double(), right=True)
+    return above.double() / max(ordered.numel(), 1)
+
+
+def suggest_clip_eps(thresholds: Tensor, target: tuple[float, float] = (0.05, 0.15)) -> tuple[float, float]:
+    """The ``clip_eps`` interval whose clip fraction lies in ``target = (low, high)``.
+
+    The clip fraction falls as ``clip_eps`` grows, so the low end of the returned interval gives
+    the ``high`` fraction and vice versa. Uses quantiles of :func:`clip_thresholds` (linear
+    interpolation). A returned bound of 0.0 means even ``clip_eps -> 0`` does not reach that
+    fraction (too few tokens ever clip).
+    """
+    low, high = (float(x) for x in target)
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"target must be (low, high) with 0 <= low <= high <= 1; got {target!r}")
+    flat = thresholds.flatten().double()
+    eps_for_high = float(torch.quantile(flat, 1 - high)) if flat.numel() else 0.0
+    eps_for_low = float(torch.quantile(flat, 1 - low)) if flat.numel() else 0.0
+    return eps_for_high, eps_for_low
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """Where the gradients die in one sequence."""
+
+    index: int
+    tokens: int
+    clipped: int
+    """Tokens in :attr:`Region.CLIPPED` (gradient exactly zero)."""
+    outside_unclipped: int
+    """Tokens outside the band whose gradient stays live."""
+    clip_fraction: float
+    first_clipped_position: Optional[int]
+    """Position (column) of the first clipped token, or None."""
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """Everything ``valueloss inspect`` reports; :meth:`to_dict` is the JSON form."""
+
+    source: str
+    shape: tuple[int, ...]
+    dtype: str
+    clip_eps: float
+    mode: str
+    num_sequences: int
+    num_nonempty_sequences: int
+    num_tokens: int
+    tokens_per_sequence: dict[str, float]
+    loss: float
+    loss_unclipped: float
+    clip_fraction: float
+    outside_band_fraction: float
+    explained_variance: float
+    mean_abs_error: float
+    histogram_edges: list[float]
+    histogram_counts: list[int]
+    clip_fraction_by_position: list[float]
+    """Clip fraction in each tenth of the responses (relative position 0-10%, ..., 90-100%)."""
+    sequences: list[SequenceStats]
+    suggested_clip_eps: tuple[float, float]
+    target_clip_fraction: tuple[float, float]
+    ignored_keys: tuple[str, ...] = ()
+    had_mask: bool = True
+    curve_clip_eps: list[float] = field(default_factory=list, repr=False)
+    curve_clip_fraction: list[float] = field(default_factory=list, repr=False)
+    normalized_delta: list[float] = field(default_factory=list, repr=False)
+    """``(values - old_values) / clip_eps`` at unmasked tokens (for plots; not in the JSON)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """The report as JSON-ready Python values (infinite histogram edges become strings)."""
+        out = asdict(self)
+        out.pop("normalized_delta")
+        out["histogram_edges"] = [e if math.isfinite(e) else ("inf" if e > 0 else "-inf") for e in self.histogram_edges]
+        out["shape"] = list(self.shape)
+        out["suggested_clip_eps"] = list(self.suggested_clip_eps)
+        out["target_clip_fraction"] = list(self.target_clip_fraction)
+        out["ignored_keys"] = list(self.ignored_keys)
+        return out
+
+
+def inspect_batch(
+    batch: Batch,
+    *,
+    clip_eps: float = 0.2,
+    mode: str = "token-mean",
+    variant: str = "max",
+    target_clip_fraction: tuple[float, float] = (0.05, 0.15),
+) -> InspectReport:
+    """Compute the :class:`InspectReport` of a validated batch (see the module docstring)."""
+    clip_eps = F.check_clip_eps(clip_eps)
+    if clip_eps is None or clip_eps == 0:
+        raise ValueError(f"clip_eps must be a positive number to inspect clipping; got {clip_eps!r}")
+    F._check_choice(mode, F.AGGREGATION_MODES, "mode")
+    values, old_values, returns, mask = batch.values, batch.old_values, batch.returns, batch.action_mask
+    stats = diagnose(values, old_values, returns, mask, clip_eps=clip_eps, variant=variant, mode=mode).to_dict()
+    safe = [torch.where(mask, t, 0.0) for t in (values, old_values, returns)]
+    regions = F.clip_regions(*safe, clip_eps=clip_eps, variant=variant)
+    clipped = (regions == Region.CLIPPED) & mask
+    outside_live = (regions == Region.UNCLIPPED) & mask
+
+    normalized = ((safe[0] - safe[1]) / clip_eps)[mask]
+    edges = torch.tensor(HISTOGRAM_EDGES, dtype=torch.float64)
+    bins = torch.bucketize(normalized.double(), edges[1:-1], right=False)
+    counts = torch.bincount(bins, minlength=len(HISTOGRAM_EDGES) - 1)
+
+    lengths = mask.sum(dim=1)
+    sequences = []
+    for i in range(mask.shape[0]):
+        n = int(lengths[i])
+        c = int(clipped[i].sum())
+        first = int(clipped[i].nonzero()[0, 0]) if c else None
+        sequences.append(
+            SequenceStats(
+                index=i,
+                tokens=n,
+                clipped=c,
+                outside_unclipped=int(outside_live[i].sum()),
+                clip_fraction=c / n if n else 0.0,
+                first_clipped_position=first,
+            )
+        )
+
+    # Relative position of each unmasked token inside its own response (rank / count).
+    rank = torch.cumsum(mask.long(), dim=1) - 1
+    relative = rank.double() / lengths.clamp(min=1)[:, None].double()
+    position_bin = (relative * POSITION_BINS).long().clamp(max=POSITION_BINS - 1)[mask]
+    per_bin_tokens = torch.bincount(position_bin, minlength=POSITION_BINS).double()
+    per_bin_clipped = torch.bincount(position_bin, weights=clipped[mask].double(), minlength=POSITION_BINS)
+    by_position = torch.where(per_bin_tokens > 0, per_bin_clipped / per_bin_tokens.clamp(min=1), 0.0)
+
+    thresholds = clip_thresholds(*safe, variant=variant)[mask]
+    suggestion = suggest_clip_eps(thresholds, target_clip_fraction)
+    top = max(float(thresholds.max()), 2 * clip_eps, 1e-6)
+    curve_eps = torch.linspace(0, top, 201, dtype=torch.float64)
+    curve = clip_fraction_curve(thresholds, curve_eps)
+
+    nonempty = lengths[lengths > 0].double()
+    return InspectReport(
+        source=batch.source,
+        shape=tuple(batch.values.shape),
+        dtype=str(batch.values.dtype).replace("torch.", ""),
+        clip_eps=clip_eps,
+        mode=mode,
+        num_sequences=int(mask.shape[0]),
+        num_nonempty_sequences=int((lengths > 0).sum()),
+        num_tokens=int(mask.sum()),
+        tokens_per_sequence={
+            "min": float(nonempty.min()),
+            "median": float(nonempty.median()),
+            "max": float(nonempty.max()),
+        },
+        loss=stats["loss"],
+        loss_unclipped=stats["loss_unclipped"],
+        clip_fraction=stats["clip_fraction"],
+        outside_band_fraction=stats["outside_band_fraction"],
+        explained_variance=stats["explained_variance"],
+        mean_abs_error=stats["mean_abs_error"],
+        histogram_edges=list(HISTOGRAM_EDGES),
+        histogram_counts=[int(c) for c in counts],
+        clip_fraction_by_position=[float(x) for x in by_position],
+        sequences=sequences,
+        suggested_clip_eps=suggestion,
+        target_clip_fraction=tuple(float(x) for x in target_clip_fraction),
+        ignored_keys=batch.ignored_keys,
+        had_mask=batch.had_mask,
+        curve_clip_eps=[float(x) for x in curve_eps],
+        curve_clip_fraction=[float(x) for x in curve],
+        normalized_delta=[float(x) for x in normalized],
+    )
+
+
+def _edge(e: float) -> str:
+    return "-inf" if e == -math.inf else ("+inf" if e == math.inf else f"{e:+.1f}")
+
+
+def format_report(report: InspectReport, *, top: int = 8) -> str:
+    """The human-readable report printed by ``valueloss inspect`` (``top`` sequences listed)."""
+    lines = []
+    add = lines.append
+    add(f"valueloss inspect: {report.source}")
+    tps = report.tokens_per_sequence
+    add(
+        f"  batch       shape {tuple(report.shape)} {report.dtype}; {report.num_sequences} sequences "
+        f"({report.num_nonempty_sequences} non-empty), {report.num_tokens} tokens "
+        f"(per sequence min {tps['min']:.0f} / median {tps['median']:.0f} / max {tps['max']:.0f})"
+    )
+    if not report.had_mask:
+        add("  note        no action_mask in the file: every position counts")
+    if report.ignored_keys:
+        add(f"  note        ignored keys: {', '.join(report.ignored_keys)}")
+    add(f"  settings    clip_eps={report.clip_eps:g}, mode={report.mode}")
+    add(f"  loss        {report.loss:.6f} clipped   {report.loss_unclipped:.6f} unclipped")
+    add(
+        f"  clipping    {100 * report.clip_fraction:.2f}% of tokens have zero gradient (clip fraction); "
+        f"{100 * report.outside_band_fraction:.2f}% are outside the band"
+    )
+    add(f"  critic      explained variance {report.explained_variance:.4f}, mean |values - returns| "
+        f"{report.mean_abs_error:.4f}")
+    add("")
+    add("  (values - old_values) / clip_eps over unmasked tokens (band = [-1, +1]):")
+    total = max(sum(report.histogram_counts), 1)
+    widest = max(report.histogram_counts) or 1
+    edges = report.histogram_edges
+    for i, count in enumerate(report.histogram_counts):
+        label = f"[{_edge(edges[i])}, {_edge(edges[i + 1])})"
+        bar = "#" * round(40 * count / widest)
+        add(f"    {label:>14} {count:7d} {100 * count / total:6.2f}%  {bar}".rstrip())
+    add("")
+    add("  clip fraction by position in the response (each tenth, start -> end):")
+    add("    " + " ".join(f"{100 * x:5.1f}" for x in report.clip_fraction_by_position) + "  (%)")
+    add("")
+    worst = sorted(report.sequences, key=lambda s: (-s.clip_fraction, s.index))[:top]
+    add(f"  where gradients die (top {len(worst)} of {report.num_sequences} sequences by clip fraction):")
+    add("    seq  tokens  clipped  outside-live  clip%  first clipped at")
+    for s in worst:
+        first = "-" if s.first_clipped_position is None else str(s.first_clipped_position)
+        add(f"    {s.index:3d}  {s.tokens:6d}  {s.clipped:7d}  {s.outside_unclipped:12d}  "
+            f"{100 * s.clip_fraction:5.1f}  {first}")
+    without = sum(1 for s in report.sequences if s.clipped == 0 and s.tokens > 0)
+    add(f"    {without} non-empty sequence(s) have no clipped token")
+    add("")
+    low, high = report.suggested_clip_eps
+    t_low, t_high = report.target_clip_fraction
+    add(
+        f"  suggestion  clip_eps in [{low:.4g}, {high:.4g}] gives a clip fraction between "
+        f"{100 * t_low:.0f}% and {100 * t_high:.0f}% on this batch"
+    )
+    return "\n".join(lines)
+
+
+def plot_report(report: InspectReport, path: Optional[Union[str, os.PathLike]] = None):
+    """A 2x2 figure: histogram of ``(v - old)/clip_eps``, clip fraction vs ``clip_eps``, by position, per sequence.
+
+    Imports matplotlib (Agg when saving) only here. Saves a PNG to ``path`` when given; returns the Figure.
+    """
+    import matplotlib
+
+    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    colors = ("#0072B2", "#D55E00", "#009E73", "#CC79A7")  # Okabe-Ito, colour-blind safe
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    ax_hist, ax_curve, ax_pos, ax_seq = fig.subplots(2, 2).flatten()
+
+    data = np.asarray(report.normalized_delta)
+    limit = max(3.0, float(np.percentile(np.abs(data), 99.5))) if data.size else 3.0
+    bins = np.linspace(-limit, limit, 61)
+    ax_hist.hist(np.clip(data, -limit, limit), bins=bins, color=colors[0], label="unmasked tokens")
+    for x in (-1, 1):
+        ax_hist.axvline(x, color=colors[1], linestyle="--", label="clip band" if x == 1 else None)
+    ax_hist.set_xlabel(r"$(v - v_{old}) / \epsilon$")
+    ax_hist.set_ylabel("tokens")
+    ax_hist.set_title(f"Value drift in units of clip_eps = {report.clip_eps:g}")
+    ax_hist.legend()
+
+    ax_curve.plot(report.curve_clip_eps, report.curve_clip_fraction, color=colors[0], label="clip fraction")
+    ax_curve.axvline(report.clip_eps, color=colors[1], linestyle="--", label=f"clip_eps = {report.clip_eps:g}")
+    low, high = report.suggested_clip_eps
+    ax_curve.axvspan(low, high, color=colors[2], alpha=0.25, label="suggested range")
+    ax_curve.set_xlabel(r"clip_eps $\epsilon$")
+    ax_curve.set_ylabel("share of tokens with zero gradient")
+    t_low, t_high = report.target_clip_fraction
+    ax_curve.set_title(f"Clip fraction vs clip_eps (target {t_low:g}-{t_high:g})")
+    ax_curve.legend()
+
+    centers = (np.arange(POSITION_BINS) + 0.5) / POSITION_BINS
+    ax_pos.bar(centers, report.clip_fraction_by_position, width=0.9 / POSITION_BINS, color=colors[3],
+               label="clip fraction")
+    ax_pos.set_xlabel("relative position in the response")
+    ax_pos.set_ylabel("clip fraction")
+    ax_pos.set_title(f"Where in the response gradients die (clip_eps = {report.clip_eps:g})")
+    ax_pos.legend()
+
+    index = [s.index for s in report.sequences]
+    ax_seq.bar(index, [s.clip_fraction for s in report.sequences], color=colors[1], label="clipped (zero gradient)")
+    ax_seq.bar(index, [s.outside_unclipped / max(s.tokens, 1) for s in report.sequences],
+               bottom=[s.clip_fraction for s in report.sequences], color=colors[0], label="outside band, live")
+    ax_seq.set_xlabel("sequence")
+    ax_seq.set_ylabel("share of its tokens")
+    ax_seq.set_title(f"Per sequence (mode = {report.mode})")
+    ax_seq.legend()
+    fig.suptitle(f"valueloss inspect: {Path(report.source).name}")
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

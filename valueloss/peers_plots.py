@@ -1,0 +1,66 @@
+"""Figures of notebook 07: where the peers' clipped value losses differ, over the (v - old, R - old) plane.
+
+matplotlib only (imported when this module is imported, never by ``import valueloss``); every
+function takes ``ax=None`` and returns the Axes. The numbers come from :mod:`valueloss.peers`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .peers import PeerResult, peer_gradient_map
+
+__all__ = ["plot_gradient_difference", "plot_gradient_map", "plot_peer_losses"]
+
+BLUE, ORANGE, GREEN, PINK = "#0072B2", "#D55E00", "#009E73", "#CC79A7"  # Okabe-Ito
+CMAP = "PuOr_r"  # diverging, colour-blind safe (ColorBrewer)
+
+
+def _plane(ax, delta, residual, data, clip_eps, title, label):
+    limit = float(np.abs(data).max()) or 1.0
+    image = ax.pcolormesh(delta, residual, data, cmap=CMAP, vmin=-limit, vmax=limit, shading="auto")
+    ax.figure.colorbar(image, ax=ax, label=label)
+    ax.axvline(-clip_eps, color=GREEN, linestyle="--", label=r"band $|v - v_{old}| = \epsilon$")
+    ax.axvline(clip_eps, color=GREEN, linestyle="--")
+    ax.plot(delta[0], delta[0], color="black", linewidth=0.8, label="$R = v$")
+    ax.set_xlabel(r"$v - v_{old}$")
+    ax.set_ylabel(r"$R - v_{old}$")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    return ax
+
+
+def plot_gradient_map(name: str, *, clip_eps: float = 0.2, num: int = 121, ax=None):
+    """Per-token gradient ``d loss / d v`` of one peer over the plane; white = exactly zero."""
+    ax = ax if ax is not None else plt.figure().add_subplot()
+    delta, residual, grad = (t.numpy() for t in peer_gradient_map(name, clip_eps=clip_eps, num=num))
+    return _plane(ax, delta, residual, grad, clip_eps, f"{name}: gradient per token ($\\epsilon$ = {clip_eps:g})",
+                  r"$\partial \ell / \partial v$")
+
+
+def plot_gradient_difference(name_a: str, name_b: str, *, clip_eps: float = 0.2, num: int = 121, ax=None):
+    """Difference of two peers' per-token gradients over the plane (``a - b``)."""
+    ax = ax if ax is not None else plt.figure().add_subplot()
+    delta, residual, grad_a = (t.numpy() for t in peer_gradient_map(name_a, clip_eps=clip_eps, num=num))
+    _, _, grad_b = (t.numpy() for t in peer_gradient_map(name_b, clip_eps=clip_eps, num=num))
+    return _plane(ax, delta, residual, grad_a - grad_b, clip_eps,
+                  f"{name_a} minus {name_b} ($\\epsilon$ = {clip_eps:g})", "gradient difference")
+
+
+def plot_peer_losses(results: list[PeerResult], *, clip_eps: Optional[float] = None, ax=None):
+    """Horizontal bars: each peer's loss, with ValueLoss's reproduction as a marker."""
+    ax = ax if ax is not None else plt.figure().add_subplot()
+    names = [r.name for r in results]
+    y = np.arange(len(results))
+    ax.barh(y, [r.loss for r in results], color=BLUE, label="peer")
+    ax.plot([r.valueloss_loss for r in results], y, "o", color=ORANGE, label="ValueLoss with the peer's settings")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("value loss on the batch")
+    suffix = f" (clip_eps = {clip_eps:g})" if clip_eps is not None else ""
+    ax.set_title("Each peer and its ValueLoss reproduction" + suffix)
+    ax.legend(loc="lower right")
+    return ax
