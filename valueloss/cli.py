@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
 
 from .functional import AGGREGATION_MODES
 
@@ -90,7 +89,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by ``python -m valueloss``)."""
     args = build_parser().parse_args(argv)
     if args.command == "inspect":

@@ -27,7 +27,6 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -175,7 +174,7 @@ def validate_batch(mapping: object, *, source: str = "<memory>") -> Batch:
     )
 
 
-def _read(data: Union[bytes, os.PathLike, str], suffix: str, source: str) -> object:
+def _read(data: bytes | os.PathLike | str, suffix: str, source: str) -> object:
     buffer = io.BytesIO(data) if isinstance(data, bytes) else data
     if suffix in (".pt", ".pth"):
         try:
@@ -206,7 +205,7 @@ def _read(data: Union[bytes, os.PathLike, str], suffix: str, source: str) -> obj
     raise BatchError(f"{source}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}")
 
 
-def load_batch(path: Union[str, os.PathLike]) -> Batch:
+def load_batch(path: str | os.PathLike) -> Batch:
     """Load and validate a batch file (``.pt``, ``.pth``, ``.npz``, ``.safetensors``); raise :class:`BatchError`."""
     path = Path(path)
     if not path.exists():
@@ -221,7 +220,7 @@ def load_batch_bytes(data: bytes, filename: str) -> Batch:
     return validate_batch(_read(bytes(data), Path(filename).suffix.lower(), filename), source=filename)
 
 
-def save_batch(batch: Batch, path: Union[str, os.PathLike]) -> None:
+def save_batch(batch: Batch, path: str | os.PathLike) -> None:
     """Save a batch as ``.pt`` (a dict of tensors, loadable with ``weights_only=True``) or ``.npz``."""
     path = Path(path)
     tensors = {
@@ -367,7 +366,7 @@ class SequenceStats:
     outside_unclipped: int
     """Tokens outside the band whose gradient stays live."""
     clip_fraction: float
-    first_clipped_position: Optional[int]
+    first_clipped_position: int | None
     """Position (column) of the first clipped token, or None."""
 
 
@@ -566,7 +565,7 @@ def format_report(report: InspectReport, *, top: int = 8) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: InspectReport, path: Optional[Union[str, os.PathLike]] = None):
+def plot_report(report: InspectReport, path: str | os.PathLike | None = None):
     """A 2x2 figure: histogram of ``(v - old)/clip_eps``, clip fraction vs ``clip_eps``, by position, per sequence.
 
     Imports matplotlib (Agg when saving) only here. Saves a PNG to ``path`` when given; returns the Figure.

@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -67,7 +66,7 @@ CHECKED = "2026-11-25"
 # --------------------------------------------------------------------------- helpers
 
 
-def _same_shape(**tensors: Optional[Tensor]) -> None:
+def _same_shape(**tensors: Tensor | None) -> None:
     items = [(name, t) for name, t in tensors.items() if t is not None]
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -117,9 +116,9 @@ def openrlhf_value_loss(
     values: Tensor,
     old_values: Tensor,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     token_level_loss: bool = True,
 ) -> Tensor:
     """OpenRLHF ``ValueLoss``: max form, masked token mean or mean of per-sequence masked means, times 0.5.
@@ -153,9 +152,9 @@ def verl_agg_loss(
     loss_agg_mode: str = "token-mean",
     *,
     dp_size: int = 1,
-    batch_num_tokens: Optional[float] = None,
-    global_batch_size: Optional[float] = None,
-    loss_scale_factor: Optional[float] = None,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+    loss_scale_factor: float | None = None,
 ) -> Tensor:
     """verl's ``agg_loss``: reduce a ``(B, T)`` loss with one of four modes and optional global counts.
 
@@ -206,9 +205,9 @@ def verl_value_loss(
     clip_eps: float,
     loss_agg_mode: str = "token-mean",
     dp_size: int = 1,
-    batch_num_tokens: Optional[float] = None,
-    global_batch_size: Optional[float] = None,
-    loss_scale_factor: Optional[float] = None,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+    loss_scale_factor: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """verl ``compute_value_loss``: clamp form, ``0.5 * agg_loss(max(...))``, and the clip fraction.
 
@@ -287,7 +286,7 @@ def deepspeed_chat_value_loss(
 
 
 def sb3_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, *, clip_range_vf: Optional[float] = None
+    values: Tensor, old_values: Tensor, returns: Tensor, *, clip_range_vf: float | None = None
 ) -> Tensor:
     """Stable-Baselines3 PPO: MSE of the *clipped prediction*, no ``max``, no 0.5, off by default.
 
@@ -560,10 +559,10 @@ def run_peers(
     values: Tensor,
     old_values: Tensor,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
     clip_eps: float = 0.2,
-    peers: Optional[list[str]] = None,
+    peers: list[str] | None = None,
 ) -> list[PeerResult]:
     """Run every peer (or the named ones) and its ``ValueLoss`` reproduction on one batch.
 
@@ -655,7 +654,7 @@ def pairwise_agreement(
     values: Tensor,
     old_values: Tensor,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
     clip_eps: float = 0.2,
     rtol: float = 1e-6,

@@ -6,8 +6,6 @@ function takes ``ax=None`` and returns the Axes. The numbers come from :mod:`val
 
 from __future__ import annotations
 
-from typing import Optional
-
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -50,7 +48,7 @@ def plot_gradient_difference(name_a: str, name_b: str, *, clip_eps: float = 0.2,
                   f"{name_a} minus {name_b} ($\\epsilon$ = {clip_eps:g})", "gradient difference")
 
 
-def plot_peer_losses(results: list[PeerResult], *, clip_eps: Optional[float] = None, ax=None):
+def plot_peer_losses(results: list[PeerResult], *, clip_eps: float | None = None, ax=None):
     """Horizontal bars: each peer's loss, with ValueLoss's reproduction as a marker."""
     ax = ax if ax is not None else plt.figure().add_subplot()
     names = [r.name for r in results]
