@@ -75,8 +75,29 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+def _import_ipympl_quietly() -> None:
+    """Import the ``ipympl`` package without its side effect on pyplot.
+
+    ``ipympl/__init__.py`` (0.9-0.10) calls ``matplotlib.use("module://ipympl.backend_nbagg")``
+    when matplotlib is already imported, which would turn every later ``plt.subplots`` of the
+    notebook into a live canvas (and close the open figures). Its ``__init__`` imports nothing but
+    ``sys`` and its version, so hiding matplotlib from ``sys.modules`` for that one import is safe.
+    The explorers only need the ``Canvas`` class, never the pyplot backend.
+    """
+    import sys
+
+    if "ipympl" in sys.modules or "matplotlib" not in sys.modules:
+        return
+    matplotlib_module = sys.modules.pop("matplotlib")
+    try:
+        import ipympl  # noqa: F401
+    finally:
+        sys.modules["matplotlib"] = matplotlib_module
+
+
 def _ipympl_canvas_class():
     try:
+        _import_ipympl_quietly()
         from ipympl.backend_nbagg import Canvas, FigureManager
     except Exception as exc:  # ImportError, or ipympl failing against this matplotlib
         return None, f"ipympl could not be imported ({type(exc).__name__}: {exc})"
