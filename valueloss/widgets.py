@@ -28,7 +28,8 @@ Public API (stable):
     ``"image"`` inside a kernel without it, and ``"agg"`` outside a kernel.
   - ``canvas`` (the figure's canvas; an ``ipympl.backend_nbagg.Canvas`` widget for ipympl),
     ``widget`` (the ipywidgets box holding the controls and the view), ``message`` (why a
-    fallback was used, or ``""``), ``update()`` (recompute and redraw), ``close()``.
+    fallback was used, or ``""``), ``image`` (the ``ipywidgets.Image`` of the ``"image"`` fallback,
+    else None), ``to_png()`` (the current canvas as PNG bytes), ``update()`` (recompute and redraw), ``close()``.
   - display: an explorer displays as its ``widget`` (``_repr_mimebundle_``).
 
 The explorers do no math: every number comes from :mod:`valueloss.plotting` (which gets it from
@@ -175,6 +176,11 @@ class Explorer:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
+
+    @property
+    def image(self) -> ipywidgets.Image | None:
+        """The ``ipywidgets.Image`` that shows the PNG in the ``"image"`` fallback (None otherwise)."""
+        return self._image
 
     # ---------------------------------------------------------------- updating
     @property
