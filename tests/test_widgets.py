@@ -78,7 +78,8 @@ def test_loss_curve_explorer_each_control_moves_the_curves(loss_explorer, name, 
     assert art["old_value"].get_xdata()[0] == pytest.approx(old)
     assert art["return"].get_xdata()[0] == pytest.approx(ret)
     assert art["grad_return"].get_xdata()[0] == pytest.approx(ret)
-    assert f"{eps:.2f}" in loss_explorer.axes["loss"].get_title()
+    shown = " ".join(text.get_text() for text in loss_explorer.figure.texts)
+    assert f"clip_eps = {eps:.2f}, old_value = {old:.2f}, return = {ret:.2f}" in shown
     assert not np.array_equal(before, pixels(loss_explorer)), "the canvas pixels did not change"
 
 
@@ -113,6 +114,8 @@ def test_surface_explorer_controls_update_images():
             assert art["clipped_band_high"].get_xdata()[0] == pytest.approx(eps)
             # unclipped and clipped panels share one colour scale
             assert art["unclipped"].get_clim() == art["clipped"].get_clim()
+            shown = " ".join(text.get_text() for text in explorer.figure.texts)
+            assert f"clip_eps = {eps:.2f}, extent = {extent:.2f}" in shown
             assert not np.array_equal(before, pixels(explorer))
     finally:
         explorer.close()

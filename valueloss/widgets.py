@@ -339,10 +339,27 @@ class LossCurveExplorer(Explorer):
         loss_ax.set_ylim(_y_limits(0.0, *[d["loss_unclipped"] for d in extremes if "loss" in d]))
         grad_ax.set_ylim(_y_limits(*[d["grad_unclipped"] for d in extremes if "grad" in d]))
         _legend_below(self.figure, [loss_ax, grad_ax], ncols=4)
+        # Fixed panel titles (background) and one short line with the settings (redrawn on change):
+        # each line of text costs as much to paint as all the curves together.
+        loss_ax.set_title(r"Per-token loss $\ell(v)$")
+        grad_ax.set_title(r"Its gradient $\partial\ell/\partial v$")
+        self.figure.suptitle(f"Clipped value loss ({self._fixed['variant']}, {self._fixed['loss_type']})", x=0.25)
+        self._settings_text = self.figure.text(0.5, 0.985, "", va="top", ha="left", fontsize="large")
+        self._set_settings_text()
+
+    def _set_settings_text(self) -> None:
+        p = self.params
+        self._settings_text.set_text(
+            f"clip_eps = {p['clip_eps']:.2f}, old_value = {p['old_value']:.2f}, return = {p['return']:.2f}"
+        )
+
+    def _dynamic_artists(self) -> list:
+        return [self._settings_text] + list(self.artists.values())
 
     def _update_artists(self) -> None:
-        plotting.update_loss_curve(self.axes["loss"], rescale=False, **self._settings())
-        plotting.update_gradient_curve(self.axes["gradient"], rescale=False, **self._settings())
+        plotting.update_loss_curve(self.axes["loss"], rescale=False, title=False, **self._settings())
+        plotting.update_gradient_curve(self.axes["gradient"], rescale=False, title=False, **self._settings())
+        self._set_settings_text()
 
     @property
     def artists(self) -> dict:
@@ -406,6 +423,18 @@ class SurfaceExplorer(Explorer):
         for kind in self.kinds:
             plotting.loss_surface(self.axes[kind], kind=kind, clip_eps=p["clip_eps"], extent=p["extent"],
                                   vmax=vmax[kind], **self._fixed)
+            # The panel titles stay fixed (drawn once, in the background); the settings go in one
+            # figure title, so that a change re-renders one line of text instead of three.
+            self.axes[kind].set_title(plotting.SURFACE_TITLES[kind])
+        fixed = self._fixed
+        self.figure.suptitle(f"Loss over the plane ({fixed['variant']}, {fixed['loss_type']}, "
+                             f"{fixed['num']}x{fixed['num']} grid)", x=0.3)
+        self._settings_text = self.figure.text(0.62, 0.98, "", va="top", ha="left", fontsize="large")
+        self._set_suptitle()
+
+    def _set_suptitle(self) -> None:
+        p = self.params
+        self._settings_text.set_text(f"clip_eps = {p['clip_eps']:.2f}, extent = {p['extent']:.2f}")
 
     def _update_artists(self) -> None:
         p = self.params
@@ -413,7 +442,11 @@ class SurfaceExplorer(Explorer):
         common = {k: v for k, v in self._fixed.items() if k != "num"}
         for kind in self.kinds:
             plotting.update_loss_surface(self.axes[kind], kind=kind, clip_eps=p["clip_eps"], extent=p["extent"],
-                                         vmax=vmax[kind], data=data, **common)
+                                         vmax=vmax[kind], data=data, title=False, **common)
+        self._set_suptitle()
+
+    def _dynamic_artists(self) -> list:
+        return [self._settings_text] + list(self.artists.values())
 
     @property
     def artists(self) -> dict:
