@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .ppo import CURVE_KEYS, PPOConfig, run_ppo
 
-__all__ = ["main", "build_parser", "run_grid", "run_key", "load_results"]
+__all__ = ["main", "build_parser", "run_grid", "run_key"]
 
 #: Bump when a change to the code changes the numbers of a run: old cache entries are then ignored.
 CACHE_VERSION = 1
@@ -228,12 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_line(argv: list[str]) -> str:
     return " ".join(["python -m valueloss.experiments"] + [shlex.quote(a) for a in argv])
-
-
-def load_results(path: os.PathLike | str) -> dict:
-    """Read a results file written by the CLI (``runs`` have curves with ``None`` for missing values)."""
-    with open(path) as f:
-        return json.load(f)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
