@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -59,14 +59,14 @@ def run_key(config: PPOConfig, seed: int) -> str:
     return "ppo-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _round(x: float) -> Optional[float]:
+def _round(x: float) -> float | None:
     """``x`` to :data:`SIGNIFICANT_DIGITS` significant digits; NaN becomes ``None`` (JSON's null)."""
     if not math.isfinite(x):
         return None
     return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
 
 
-def _run_one(config_dict: dict, seed: int, cache_file: Optional[str], progress_queue: Any = None) -> dict:
+def _run_one(config_dict: dict, seed: int, cache_file: str | None, progress_queue: Any = None) -> dict:
     """Worker: one PPO run on one torch thread, saved to ``cache_file`` (atomically) when given."""
     torch.set_num_threads(1)
     report = None if progress_queue is None else progress_queue.put
@@ -79,7 +79,7 @@ def _run_one(config_dict: dict, seed: int, cache_file: Optional[str], progress_q
     return curves
 
 
-def _read_cache(cache_file: Path, config: PPOConfig, seed: int) -> Optional[dict]:
+def _read_cache(cache_file: Path, config: PPOConfig, seed: int) -> dict | None:
     try:
         with open(cache_file) as f:
             entry = json.load(f)
@@ -95,7 +95,7 @@ def run_grid(
     seeds: list[int],
     *,
     workers: int = 2,
-    cache_dir: Optional[Path] = None,
+    cache_dir: Path | None = None,
     show_progress: bool = True,
 ) -> list[dict]:
     """Run every configuration with every seed; reuse cached runs; return one dict per run, in grid order.
@@ -116,7 +116,7 @@ def run_grid(
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
     grid = list(itertools.product(configs, seeds))
-    results: list[Optional[dict]] = [None] * len(grid)
+    results: list[dict | None] = [None] * len(grid)
     todo = []
     for index, (config, seed) in enumerate(grid):
         cache_file = None if cache_dir is None else cache_dir / f"{run_key(config, seed)}.json"
@@ -176,7 +176,7 @@ def _drain(progress_queue: Any, bar: tqdm) -> None:
             return
 
 
-def _parse_clip(text: str) -> Optional[float]:
+def _parse_clip(text: str) -> float | None:
     if text.lower() in ("none", "off"):
         return None
     try:
@@ -223,17 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where runs are cached (default $VALUELOSS_CACHE or ~/.cache/valueloss)")
     ppo.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     ppo.add_argument("--quiet", action="store_true", help="no progress bars")
+    figure = commands.add_parser(
+        "figure", help="draw the key figure (learning curves + final-return IQM) of a results file as a PNG"
+    )
+    figure.add_argument("results", type=Path, help="a results file written by the ppo command")
+    figure.add_argument("--out", type=Path, required=True, help="the image file (.png)")
     return parser
+
+
+def _draw_figure(results_path: Path, out: Path) -> None:
+    from .figures import key_figure  # matplotlib only when a figure is wanted
+    from .results import load_results
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key_figure(load_results(results_path)).savefig(out, dpi=100)
 
 
 def _command_line(argv: list[str]) -> str:
     return " ".join(["python -m valueloss.experiments"] + [shlex.quote(a) for a in argv])
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     """Entry point; returns the results dict that was written to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "figure":
+        _draw_figure(args.results, args.out)
+        return {"figure": str(args.out)}
     if args.num_seeds < 1:
         raise SystemExit(f"--num-seeds must be >= 1; got {args.num_seeds}")
     base = PPOConfig(
@@ -296,7 +312,7 @@ def _write_csv(path: Path, results: dict) -> None:
         for run in results["runs"]:
             clip, scaling = run["config"]["value_clip_eps"], run["config"]["reward_scaling"]
             columns = [run["curves"][key] for key in CURVE_KEYS]
-            for iteration, row in enumerate(zip(*columns)):
+            for iteration, row in enumerate(zip(*columns, strict=True)):
                 writer.writerow(["none" if clip is None else clip, scaling, run["seed"], iteration,
                                  *("" if x is None else x for x in row)])
 

@@ -9,7 +9,6 @@ the chosen setting next to the unclipped baseline at the same scale. The figure 
 from __future__ import annotations
 
 import io
-from typing import Optional
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
@@ -31,8 +30,8 @@ class ToyCriticExplorer:
         summary: an ``HTML`` widget with the iterations to the target error.
     """
 
-    def __init__(self, scale: float = 100.0, clip_eps: Optional[float] = 0.2, *, normalize_returns: bool = False,
-                 threshold: float = 0.05, base: Optional[ToyCriticConfig] = None) -> None:
+    def __init__(self, scale: float = 100.0, clip_eps: float | None = 0.2, *, normalize_returns: bool = False,
+                 threshold: float = 0.05, base: ToyCriticConfig | None = None) -> None:
         self.base = base if base is not None else ToyCriticConfig()
         self.threshold = threshold
         self._baselines: dict[tuple, dict] = {}
@@ -91,7 +90,9 @@ class ToyCriticExplorer:
         clip_text = "None" if config.clip_eps is None else f"{config.clip_eps:.3g}"
         units = " (normalised units)" if config.normalize_returns else ""
         self.axes[0].set_title(f"scale {config.scale:.3g}, clip_eps {clip_text}{units}")
-        reached, reached_baseline = (iterations_to_reach(c["relative_error"], self.threshold) for c in (chosen, baseline))
+        reached, reached_baseline = (
+            iterations_to_reach(curves["relative_error"], self.threshold) for curves in (chosen, baseline)
+        )
         self.summary.value = (
             f"iterations to {self.threshold:.0%} relative error: chosen setting <b>{_text(reached, config)}</b>, "
             f"no clipping <b>{_text(reached_baseline, config)}</b>"
@@ -101,16 +102,17 @@ class ToyCriticExplorer:
         self.image.value = buffer.getvalue()
 
     def widget(self) -> widgets.Widget:
-        controls = widgets.HBox([widgets.VBox([self.scale, self.clip_eps]), widgets.VBox([self.no_clip, self.normalize])])
+        sliders, switches = widgets.VBox([self.scale, self.clip_eps]), widgets.VBox([self.no_clip, self.normalize])
+        controls = widgets.HBox([sliders, switches])
         return widgets.VBox([controls, self.summary, self.image])
 
 
-def _text(reached: Optional[int], config: ToyCriticConfig) -> str:
+def _text(reached: int | None, config: ToyCriticConfig) -> str:
     return f"not within {config.num_iterations}" if reached is None else str(reached)
 
 
-def toy_critic_explorer(scale: float = 100.0, clip_eps: Optional[float] = 0.2, *, normalize_returns: bool = False,
-                        base: Optional[ToyCriticConfig] = None) -> widgets.Widget:
+def toy_critic_explorer(scale: float = 100.0, clip_eps: float | None = 0.2, *, normalize_returns: bool = False,
+                        base: ToyCriticConfig | None = None) -> widgets.Widget:
     """The explorer widget (one call in notebook 05); questions to try are in the notebook.
 
     Args:

@@ -7,7 +7,6 @@ Colours are the Okabe-Ito palette (colour-blind safe); the IQM and its bands com
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -15,14 +14,14 @@ from matplotlib.axes import Axes
 from .results import curve_matrix, final_scores, runs_by_condition
 from .stats import curve_iqm_ci, stratified_bootstrap_ci
 
-__all__ = ["OKABE_ITO", "plot_toy_curves", "plot_learning_curves", "plot_final_scores"]
+__all__ = ["OKABE_ITO", "key_figure", "plot_toy_curves", "plot_learning_curves", "plot_final_scores"]
 
 #: Okabe & Ito (2008) colour-blind-safe colours: blue, orange, bluish green, vermillion, reddish purple, sky blue.
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9")
 _STYLES = ("-", "--", "-.", ":")
 
 
-def _axes(ax: Optional[Axes]) -> Axes:
+def _axes(ax: Axes | None) -> Axes:
     if ax is not None:
         return ax
     import matplotlib.pyplot as plt
@@ -34,10 +33,10 @@ def plot_toy_curves(
     curves_by_label: Mapping[str, Mapping[str, np.ndarray]],
     key: str = "relative_error",
     *,
-    threshold: Optional[float] = None,
+    threshold: float | None = None,
     log_y: bool = True,
-    title: Optional[str] = None,
-    ax: Optional[Axes] = None,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Axes:
     """One line per run of :func:`~valueloss.experiments.run_toy_critic`: ``key`` against the iteration.
 
@@ -67,12 +66,13 @@ def plot_learning_curves(
     key: str = "episodic_return",
     *,
     reps: int = 1000,
-    title: Optional[str] = None,
-    ax: Optional[Axes] = None,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Axes:
     """IQM over seeds of a PPO curve against environment steps, one line per condition, with 95% bands.
 
-    The bands are pointwise percentile bootstrap intervals over seeds (:func:`~valueloss.experiments.stats.curve_iqm_ci`).
+    The bands are pointwise percentile bootstrap intervals over seeds
+    (:func:`~valueloss.experiments.stats.curve_iqm_ci`).
     """
     ax = _axes(ax)
     for i, (label, runs) in enumerate(runs_by_condition(results).items()):
@@ -95,22 +95,39 @@ def plot_final_scores(
     *,
     last_fraction: float = 0.1,
     reps: int = 2000,
-    title: Optional[str] = None,
-    ax: Optional[Axes] = None,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Axes:
     """Final-score IQM per condition with its 95% stratified bootstrap CI (bars), and every seed (dots)."""
     ax = _axes(ax)
     groups = runs_by_condition(results)
+    labels = []
     for i, (label, runs) in enumerate(groups.items()):
         scores = final_scores(runs, key, last_fraction)
         estimate, low, high = stratified_bootstrap_ci(scores, reps=reps)
         color = OKABE_ITO[i % len(OKABE_ITO)]
         ax.errorbar([estimate], [i], xerr=[[estimate - low], [high - estimate]], fmt="o", color=color,
-                    capsize=4, markersize=8, label=f"{label}: IQM {estimate:.0f} [{low:.0f}, {high:.0f}]")
-        ax.plot(scores, np.full(len(scores), i + 0.2), "x", color=color, alpha=0.7)
-    ax.set_yticks(range(len(groups)), list(groups))
-    ax.invert_yaxis()
+                    capsize=4, markersize=8, label="IQM and 95% CI" if i == 0 else None)
+        ax.plot(scores, np.full(len(scores), i + 0.2), "x", color=color, alpha=0.7,
+                label="one seed" if i == 0 else None)
+        labels.append(f"{label}\nIQM {estimate:.0f} [{low:.0f}, {high:.0f}]")
+    ax.set_yticks(range(len(groups)), labels)
+    ax.set_ylim(len(groups) - 0.5, -0.5)
     ax.set(xlabel=f"final {key.replace('_', ' ')} (last {last_fraction:.0%} of training)",
            title=title or "final return: IQM with 95% CI (bars), seeds (x)")
     ax.legend(fontsize="small", loc="best")
     return ax
+
+
+def key_figure(results: dict, *, reps: int = 1000):
+    """The README figure: learning curves (left) and final-return IQM with CIs (right), as a Figure."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12.0, 4.2), layout="constrained")
+    left, right = figure.subplots(1, 2, width_ratios=(1.3, 1.0))
+    num_seeds = len({run["seed"] for run in results["runs"]})
+    steps = int(results["runs"][0]["config"]["total_timesteps"])
+    plot_learning_curves(results, reps=reps, ax=left,
+                         title=f"PPO on CartPole-v1, {num_seeds} seeds, {steps} steps: return (IQM, 95% band)")
+    plot_final_scores(results, reps=2 * reps, ax=right, title="final return: IQM, 95% bootstrap CI, seeds (x)")
+    return figure

@@ -18,7 +18,7 @@ marked on the step where it happens (``episode_ends[t]``), and an episode cut by
 not terminated) is bootstrapped with the critic's value of its final observation (Pardo et al. 2018,
 "Time limits in RL"). Learning curves use the undiscounted, unscaled episode returns.
 
-Every run is deterministic for a seed on one thread: torch, numpy and the environments are seeded, and the
+Every run is deterministic for a seed (it runs on one torch thread): torch, numpy and the environments are seeded, and the
 minibatch order comes from a torch generator seeded from the same seed.
 """
 
@@ -29,7 +29,6 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -40,6 +39,7 @@ from torch.distributions import Categorical
 
 from ..diagnostics import diagnose
 from ..loss import ValueLoss
+from ._threads import single_thread
 
 __all__ = ["PPOConfig", "RunningMeanStd", "RewardScaler", "compute_gae", "run_ppo", "CURVE_KEYS"]
 
@@ -89,7 +89,7 @@ class PPOConfig:
     num_minibatches: int = 4
     update_epochs: int = 4
     clip_coef: float = 0.2
-    value_clip_eps: Optional[float] = None
+    value_clip_eps: float | None = None
     reward_scaling: bool = False
     norm_adv: bool = True
     ent_coef: float = 0.01
@@ -267,7 +267,7 @@ def make_envs(config: PPOConfig, seed: int) -> SyncVectorEnv:
 
 
 def run_ppo(
-    config: PPOConfig, seed: int, *, progress: Optional[Callable[[int], None]] = None
+    config: PPOConfig, seed: int, *, progress: Callable[[int], None] | None = None
 ) -> dict[str, list[float]]:
     """Train PPO with ``config`` from ``seed``; return the per-iteration curves of :data:`CURVE_KEYS`.
 
@@ -279,11 +279,19 @@ def run_ppo(
     Returns:
         A dict mapping each name of :data:`CURVE_KEYS` to a list with one float per iteration
         (``episodic_return`` is NaN until the first episode ends).
+
+    The run uses one torch thread (the caller's setting is restored afterwards), so its numbers are the same
+    on any machine with the same library versions, in a worker process or not.
     """
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig; got {type(config).__name__}")
+    with single_thread():
+        return _train(config, seed, progress)
+
+
+def _train(config: PPOConfig, seed: int, progress: Callable[[int], None] | None) -> dict[str, list[float]]:
     torch.manual_seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (global numpy state, for any library code that draws from it)
     generator = torch.Generator().manual_seed(seed)
     envs = make_envs(config, seed)
     obs_dim = int(np.prod(envs.single_observation_space.shape))

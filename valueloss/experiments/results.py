@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -49,7 +48,7 @@ def curve_matrix(runs: list[dict], key: str) -> np.ndarray:
 
 
 def final_scores(runs: list[dict], key: str = "episodic_return", last_fraction: float = 0.1,
-                 minimum: Optional[int] = 1) -> np.ndarray:
+                 minimum: int | None = 1) -> np.ndarray:
     """One score per run: the mean of ``key`` over the last ``last_fraction`` of the iterations.
 
     With ``episodic_return`` (itself a mean over the last 10 finished episodes) this is the training

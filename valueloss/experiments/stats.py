@@ -14,7 +14,7 @@ Scores are arrays of shape ``(num_runs,)`` (one task) or ``(num_runs, num_tasks)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats

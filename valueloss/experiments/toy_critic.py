@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..diagnostics import diagnose
 from ..loss import ValueLoss
+from ._threads import single_thread
 
 __all__ = ["ToyCriticConfig", "make_toy_problem", "run_toy_critic", "iterations_to_reach"]
 
@@ -48,7 +48,7 @@ class ToyCriticConfig:
     """
 
     scale: float = 1.0
-    clip_eps: Optional[float] = None
+    clip_eps: float | None = None
     normalize_returns: bool = False
     learning_rate: float = 3e-2
     num_iterations: int = 60
@@ -105,6 +105,11 @@ def run_toy_critic(config: ToyCriticConfig = ToyCriticConfig()) -> dict[str, np.
     """
     if not isinstance(config, ToyCriticConfig):
         raise TypeError(f"config must be a ToyCriticConfig; got {type(config).__name__}")
+    with single_thread():  # the same digits on every machine
+        return _fit(config)
+
+
+def _fit(config: ToyCriticConfig) -> dict[str, np.ndarray]:
     inputs, unit_targets = make_toy_problem(config.num_samples, config.input_dim, config.seed)
     returns = unit_targets * config.scale
     train_scale = config.scale if config.normalize_returns else 1.0  # critic units -> return units
@@ -152,7 +157,7 @@ def run_toy_critic(config: ToyCriticConfig = ToyCriticConfig()) -> dict[str, np.
     return {key: np.asarray(curve) for key, curve in curves.items()}
 
 
-def iterations_to_reach(relative_error, threshold: float = 0.05) -> Optional[int]:
+def iterations_to_reach(relative_error, threshold: float = 0.05) -> int | None:
     """The first iteration at which ``relative_error <= threshold``; ``None`` if it never gets there.
 
     Example:
