@@ -260,7 +260,8 @@ def test_cli_reproduces_a_configuration_identically(tmp_path):
     rerun = cli.main(written["command"].split()[3:-2] + ["--out", str(tmp_path / "rerun.json")])
     assert rerun["runs"] == written["runs"]
     rows = (tmp_path / "out.csv").read_text().splitlines()
-    assert rows[0].startswith("value_clip_eps,reward_scaling,seed,iteration") and len(rows) == 1 + 2 * 1  # two runs of one iteration
+    assert rows[0].startswith("value_clip_eps,reward_scaling,seed,iteration")
+    assert len(rows) == 1 + 2 * 1  # a header, then two runs of one iteration each
 
 
 def test_results_helpers_group_and_score_runs(tmp_path):
@@ -317,3 +318,17 @@ def test_explorer_controls_rerun_the_toy_critic():
     explorer.no_clip.value = True
     np.testing.assert_allclose(explorer.lines["error"].get_ydata(), explorer.lines["baseline_error"].get_ydata())
     assert "no clipping" in explorer.summary.value and explorer.image.value[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_bad_arguments_and_draws_the_key_figure(tmp_path, capsys):
+    """Bad --value-clip-eps / --reward-scaling values exit with a message; `figure` writes a PNG of a results file."""
+    for bad in (["--value-clip-eps", "-1"], ["--reward-scaling", "maybe"]):
+        with pytest.raises(SystemExit):
+            cli.main(["ppo", *bad, "--out", str(tmp_path / "x.json")])
+        assert "expected" in capsys.readouterr().err
+    runs = [{"config": {"value_clip_eps": clip, "reward_scaling": True, "total_timesteps": 8}, "seed": s,
+             "curves": {"global_step": [4.0, 8.0], "episodic_return": [10.0 + s, 20.0 + s]}}
+            for clip in (None, 0.2) for s in range(3)]
+    (tmp_path / "r.json").write_text(json.dumps({"command": "x", "runs": runs}))
+    cli.main(["figure", str(tmp_path / "r.json"), "--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,8 +18,8 @@ marked on the step where it happens (``episode_ends[t]``), and an episode cut by
 not terminated) is bootstrapped with the critic's value of its final observation (Pardo et al. 2018,
 "Time limits in RL"). Learning curves use the undiscounted, unscaled episode returns.
 
-Every run is deterministic for a seed (it runs on one torch thread): torch, numpy and the environments are seeded, and the
-minibatch order comes from a torch generator seeded from the same seed.
+Every run is deterministic for a seed (it runs on one torch thread): torch, numpy and the environments are
+seeded, and the minibatch order comes from a torch generator seeded from the same seed.
 """
 
 from __future__ import annotations
