@@ -274,6 +274,9 @@ def test_results_helpers_group_and_score_runs(tmp_path):
     assert list(results.runs_by_condition(loaded)) == ["clip 0.2, scaled rewards", "no clip, raw rewards"]
     assert np.isnan(results.curve_matrix([run], "episodic_return")[0, 0])
     np.testing.assert_allclose(results.final_scores([run], last_fraction=0.5), [25.0])
+    np.testing.assert_allclose(results.window_scores([run], 2, 3), [15.0])
+    with pytest.raises(ValueError, match="no iteration"):
+        results.window_scores([run], 10, 20)
 
 
 def test_import_valueloss_does_not_import_experiments():

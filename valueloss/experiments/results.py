@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-__all__ = ["load_results", "condition_label", "runs_by_condition", "curve_matrix", "final_scores"]
+__all__ = ["load_results", "condition_label", "runs_by_condition", "curve_matrix", "final_scores", "window_scores"]
 
 
 def load_results(path: os.PathLike | str) -> dict:
@@ -59,3 +59,13 @@ def final_scores(runs: list[dict], key: str = "episodic_return", last_fraction: 
     matrix = curve_matrix(runs, key)
     count = max(int(round(matrix.shape[1] * last_fraction)), minimum or 1)
     return np.nanmean(matrix[:, -count:], axis=1)
+
+
+def window_scores(runs: list[dict], first_step: float, last_step: float, key: str = "episodic_return") -> np.ndarray:
+    """One score per run: the mean of ``key`` over the iterations with ``first_step <= global_step <= last_step``."""
+    steps = curve_matrix(runs, "global_step")[0]
+    inside = (steps >= first_step) & (steps <= last_step)
+    if not inside.any():
+        raise ValueError(f"no iteration between steps {first_step} and {last_step}; the runs cover "
+                         f"{steps[0]:g}..{steps[-1]:g}")
+    return np.nanmean(curve_matrix(runs, key)[:, inside], axis=1)
