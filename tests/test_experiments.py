@@ -1,0 +1,337 @@
+"""Tests of valueloss.experiments: toy critic, PPO, statistics, CLI, figures and the explorer."""
+
+import json
+import math
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from valueloss.experiments import cli, figures, ppo, results, stats, toy_critic
+from valueloss.experiments.explorer import ToyCriticExplorer
+
+TINY_PPO = dict(total_timesteps=128, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2, hidden=16)
+TINY_TOY = dict(num_iterations=6, update_epochs=2, num_samples=64, hidden=16)
+
+
+# ---------------------------------------------------------------------------------------------- toy critic
+
+
+def test_toy_critic_is_deterministic_for_a_seed():
+    """The same configuration gives bit-identical curves; another seed gives different ones."""
+    config = toy_critic.ToyCriticConfig(scale=10.0, clip_eps=0.5, **TINY_TOY)
+    first, second = toy_critic.run_toy_critic(config), toy_critic.run_toy_critic(config)
+    other = toy_critic.run_toy_critic(config.replace(seed=1))
+    for key in ("relative_error", "explained_variance", "clip_fraction"):
+        np.testing.assert_array_equal(first[key], second[key])
+        assert first[key].shape == (config.num_iterations + 1,)
+    assert not np.array_equal(first["relative_error"], other["relative_error"])
+
+
+def test_toy_critic_initial_error_matches_an_independent_computation():
+    """Index 0 is ||v0 - R|| / ||R - mean R|| of the untrained network, recomputed here in float64."""
+    config = toy_critic.ToyCriticConfig(scale=3.0, **TINY_TOY)
+    inputs, unit_targets = toy_critic.make_toy_problem(config.num_samples, config.input_dim, config.seed)
+    assert abs(unit_targets.double().mean().item()) < 1e-6
+    assert unit_targets.double().std(correction=0).item() == pytest.approx(1.0, abs=1e-6)
+    torch.manual_seed(config.seed)
+    net = torch.nn.Sequential(torch.nn.Linear(config.input_dim, config.hidden), torch.nn.Tanh(),
+                              torch.nn.Linear(config.hidden, config.hidden), torch.nn.Tanh(),
+                              torch.nn.Linear(config.hidden, 1)).double()
+    with torch.no_grad():
+        v0 = net(inputs.double()).squeeze(-1)
+    returns = 3.0 * unit_targets.double()
+    expected = math.sqrt(((v0 - returns) ** 2).sum().item() / ((returns - returns.mean()) ** 2).sum().item())
+    assert toy_critic.run_toy_critic(config)["relative_error"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_toy_critic_large_scale_fixed_clip_is_slower_and_clips_most_samples():
+    """At scale 100, clip_eps=0.2 zeroes most value gradients and leaves a larger error than no clipping."""
+    base = toy_critic.ToyCriticConfig(scale=100.0, num_iterations=5)
+    free, clipped = toy_critic.run_toy_critic(base), toy_critic.run_toy_critic(base.replace(clip_eps=0.2))
+    np.testing.assert_array_equal(free["clip_fraction"], 0.0)
+    assert clipped["clip_fraction"][1] > 0.5
+    assert clipped["relative_error"][-1] > free["relative_error"][-1] + 0.2
+
+
+def test_toy_critic_normalised_returns_are_scale_free():
+    """With normalised returns, relative error and clip fraction do not depend on the scale."""
+    base = toy_critic.ToyCriticConfig(clip_eps=0.2, normalize_returns=True, **TINY_TOY)
+    small, large = toy_critic.run_toy_critic(base), toy_critic.run_toy_critic(base.replace(scale=1000.0))
+    np.testing.assert_allclose(large["relative_error"], small["relative_error"], rtol=1e-4)
+    np.testing.assert_allclose(large["clip_fraction"], small["clip_fraction"], atol=1e-6)
+
+
+def test_iterations_to_reach_and_bad_toy_arguments():
+    """iterations_to_reach returns the first index at or below the threshold; bad settings name the argument."""
+    assert toy_critic.iterations_to_reach([0.9, 0.05, 0.01]) == 1
+    assert toy_critic.iterations_to_reach([0.9, 0.5]) is None
+    with pytest.raises(ValueError, match="scale"):
+        toy_critic.ToyCriticConfig(scale=0.0)
+    with pytest.raises(ValueError, match="clip_eps"):
+        toy_critic.ToyCriticConfig(clip_eps=-0.1)
+    with pytest.raises(ValueError, match="num_samples"):
+        toy_critic.ToyCriticConfig(num_samples=10, num_minibatches=3)
+
+
+# ---------------------------------------------------------------------------------------------------- PPO
+
+
+def _reference_gae(rewards, values, episode_ends, next_values, gamma, lam):
+    """A_t = sum_k (gamma*lam)^k delta_{t+k}, summing forward until the episode ends (plain Python floats)."""
+    num_steps, num_envs = len(rewards), len(rewards[0])
+    advantages = [[0.0] * num_envs for _ in range(num_steps)]
+    for env in range(num_envs):
+        for t in range(num_steps):
+            total, weight = 0.0, 1.0
+            for k in range(t, num_steps):
+                value_after = next_values[env] if k == num_steps - 1 else values[k + 1][env]
+                alive = 0.0 if episode_ends[k][env] else 1.0
+                delta = rewards[k][env] + gamma * alive * value_after - values[k][env]
+                total += weight * delta
+                if episode_ends[k][env]:
+                    break
+                weight *= gamma * lam
+            advantages[t][env] = total
+    return advantages
+
+
+def test_gae_matches_a_forward_sum_reference():
+    """compute_gae equals the forward-sum definition of GAE, episode ends included, on awkward sizes."""
+    generator = torch.Generator().manual_seed(3)
+    for num_steps, num_envs in [(1, 1), (7, 3), (41, 2)]:
+        rewards = torch.randn(num_steps, num_envs, generator=generator, dtype=torch.float64)
+        values = torch.randn(num_steps, num_envs, generator=generator, dtype=torch.float64)
+        ends = (torch.rand(num_steps, num_envs, generator=generator) < 0.2).double()
+        next_values = torch.randn(num_envs, generator=generator, dtype=torch.float64)
+        advantages, returns = ppo.compute_gae(rewards, values, ends, next_values, gamma=0.97, gae_lambda=0.9)
+        expected = _reference_gae(rewards.tolist(), values.tolist(), ends.tolist(), next_values.tolist(), 0.97, 0.9)
+        torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float64))
+        torch.testing.assert_close(returns, advantages + values)
+
+
+def test_gae_rejects_mismatched_shapes():
+    """compute_gae names the inputs whose shapes disagree."""
+    with pytest.raises(ValueError, match="next_values"):
+        ppo.compute_gae(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(3), gamma=0.9,
+                        gae_lambda=0.9)
+    with pytest.raises(ValueError, match="same"):
+        ppo.compute_gae(torch.zeros(4, 2), torch.zeros(4, 3), torch.zeros(4, 2), torch.zeros(2), gamma=0.9,
+                        gae_lambda=0.9)
+
+
+def test_running_mean_std_and_reward_scaler_match_numpy():
+    """Merged batch statistics equal numpy's over all data; the scaler divides by sqrt of that variance."""
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size=n) for n in (1, 5, 17)]
+    running = ppo.RunningMeanStd()
+    for batch in batches:
+        running.update(batch)
+    data = np.concatenate(batches)
+    assert running.mean == pytest.approx(data.mean(), rel=1e-4)
+    assert running.var == pytest.approx(data.var(), rel=1e-4)
+
+    scaler = ppo.RewardScaler(num_envs=2, gamma=0.5)
+    returns_seen = []
+    discounted = np.zeros(2)
+    for rewards, ends in [([1.0, 2.0], [False, True]), ([1.0, 1.0], [False, False])]:
+        discounted = discounted * 0.5 + np.array(rewards)
+        returns_seen.extend(discounted)
+        scaled = scaler(np.array(rewards), np.array(ends))
+        discounted[np.array(ends)] = 0.0
+    np.testing.assert_allclose(scaled, np.array([1.0, 1.0]) / np.sqrt(np.var(returns_seen)), rtol=1e-3)
+
+
+def test_ppo_is_deterministic_for_a_seed():
+    """Same seed, same numbers in every curve; another seed differs."""
+    config = ppo.PPOConfig(value_clip_eps=0.2, reward_scaling=True, **TINY_PPO)
+    first, second = ppo.run_ppo(config, seed=1), ppo.run_ppo(config, seed=1)
+    assert first == second
+    assert set(first) == set(ppo.CURVE_KEYS)
+    assert first["global_step"] == [64.0, 128.0]
+    assert ppo.run_ppo(config, seed=2)["value_loss"] != first["value_loss"]
+
+
+def test_ppo_value_clipping_switch_reaches_the_loss():
+    """Without value clipping the clip fraction is exactly 0; with a tiny clip_eps on raw rewards it is not."""
+    free = ppo.run_ppo(ppo.PPOConfig(value_clip_eps=None, **TINY_PPO), seed=0)
+    tight = ppo.run_ppo(ppo.PPOConfig(value_clip_eps=1e-3, **TINY_PPO), seed=0)
+    assert free["value_clip_fraction"] == [0.0, 0.0]
+    assert tight["value_clip_fraction"][-1] > 0.0
+
+
+def test_ppo_config_errors_name_the_argument():
+    """Invalid PPO settings raise ValueError naming the setting."""
+    with pytest.raises(ValueError, match="num_minibatches"):
+        ppo.PPOConfig(num_envs=3, num_steps=5, num_minibatches=4)
+    with pytest.raises(ValueError, match="total_timesteps"):
+        ppo.PPOConfig(total_timesteps=10)
+    with pytest.raises(ValueError, match="value_clip_eps"):
+        ppo.PPOConfig(value_clip_eps=-1.0)
+
+
+# -------------------------------------------------------------------------------------------------- stats
+
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    """IQM of 8 scores = mean of the sorted 3rd..6th; of 5 scores = mean of the middle 3."""
+    scores = [9.0, 1.0, 7.0, 3.0, 100.0, 5.0, -50.0, 4.0]
+    middle = sorted(scores)[2:6]
+    assert stats.iqm(scores) == pytest.approx(sum(middle) / 4)
+    assert stats.iqm([5.0, 1.0, 3.0, 2.0, 1000.0]) == pytest.approx((2.0 + 3.0 + 5.0) / 3)
+    with pytest.raises(ValueError, match="finite"):
+        stats.iqm([1.0, float("nan")])
+
+
+def test_bootstrap_ci_agrees_with_scipy_bootstrap():
+    """One task: the percentile interval of the IQM matches scipy.stats.bootstrap's within Monte Carlo error."""
+    scores = np.random.default_rng(1).normal(100.0, 20.0, size=12)
+    estimate, low, high = stats.stratified_bootstrap_ci(scores, reps=4000, seed=0)
+    reference = scipy_stats.bootstrap((scores,), lambda x, axis: scipy_stats.trim_mean(x, 0.25, axis=axis),
+                                      n_resamples=4000, method="percentile", random_state=1).confidence_interval
+    assert estimate == pytest.approx(scipy_stats.trim_mean(scores, 0.25))
+    width = reference.high - reference.low
+    assert low == pytest.approx(reference.low, abs=0.1 * width)
+    assert high == pytest.approx(reference.high, abs=0.1 * width)
+
+
+def test_bootstrap_is_stratified_by_task():
+    """Resampling stays within each task column: the mean of task 0 alone never changes."""
+    scores = np.column_stack([np.ones(6), np.arange(6) * 100.0])
+    estimate, low, high = stats.stratified_bootstrap_ci(scores, statistic=lambda t: float(t[:, 0].mean()), reps=200)
+    assert (estimate, low, high) == (1.0, 1.0, 1.0)
+
+
+def test_iqm_difference_and_curve_bands():
+    """A constant shift is recovered exactly; curve bands are IQMs of each column and bracket them."""
+    assert stats.iqm_difference_ci(np.full(5, 15.0), np.full(7, 5.0)) == (10.0, 10.0, 10.0)
+    same = np.random.default_rng(3).normal(size=(2, 10))
+    estimate, low, high = stats.iqm_difference_ci(same[0], same[1], reps=500)
+    assert low < 0.0 < high and low <= estimate <= high
+    curves = np.random.default_rng(2).normal(size=(8, 5))
+    center, low, high = stats.curve_iqm_ci(curves, reps=300)
+    expected = [np.mean(np.sort(curves[:, j])[2:6]) for j in range(5)]
+    np.testing.assert_allclose(center, expected)
+    assert np.all(low <= center + 1e-12) and np.all(center <= high + 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _cli_args(tmp_path, out="out.json", seeds=2):
+    return ["ppo", "--value-clip-eps", "none", "0.2", "--reward-scaling", "off", "--num-seeds", str(seeds),
+            "--total-timesteps", "128", "--num-envs", "2", "--num-steps", "64", "--workers", "1", "--quiet",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / out)]
+
+
+def test_cli_reuses_cached_runs(tmp_path, monkeypatch):
+    """A second identical command reads every run from the cache (training is never called) and writes the same runs."""
+    first = cli.main(_cli_args(tmp_path))
+    assert len(list((tmp_path / "cache").glob("ppo-*.json"))) == 4
+    assert first["environment"]["runs_from_cache"] == 0
+
+    def fail(*args, **kwargs):
+        raise AssertionError("run_ppo was called although the run is cached")
+
+    monkeypatch.setattr(cli, "run_ppo", fail)
+    second = cli.main(_cli_args(tmp_path, out="again.json"))
+    assert second["environment"]["runs_from_cache"] == 4
+    assert second["runs"] == first["runs"]
+    assert json.loads((tmp_path / "again.json").read_text())["runs"] == first["runs"]
+
+
+def test_cli_reproduces_a_configuration_identically(tmp_path):
+    """Without the cache, the CLI's numbers equal a direct run_ppo call (rounded) and the recorded command re-runs."""
+    written = cli.main(_cli_args(tmp_path, seeds=1) + ["--no-cache", "--csv", str(tmp_path / "out.csv")])
+    config = ppo.PPOConfig(total_timesteps=128, num_envs=2, num_steps=64, value_clip_eps=0.2)
+    direct = ppo.run_ppo(config, seed=0)
+    run = written["runs"][1]
+    assert run["config"] == config.to_dict() and run["seed"] == 0
+    for key in ppo.CURVE_KEYS:
+        assert run["curves"][key] == [float(f"{x:.6g}") for x in direct[key]]
+    assert written["command"].startswith("python -m valueloss.experiments ppo --value-clip-eps none 0.2")
+    rerun = cli.main(written["command"].split()[3:-2] + ["--out", str(tmp_path / "rerun.json")])
+    assert rerun["runs"] == written["runs"]
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert rows[0].startswith("value_clip_eps,reward_scaling,seed,iteration")
+    assert len(rows) == 1 + 2 * 1  # a header, then two runs of one iteration each
+
+
+def test_results_helpers_group_and_score_runs(tmp_path):
+    """Runs group by condition; final scores average the last iterations; missing values become NaN."""
+    run = {"config": {"value_clip_eps": 0.2, "reward_scaling": True}, "seed": 0,
+           "curves": {"episodic_return": [None, 10.0, 20.0, 30.0], "global_step": [1, 2, 3, 4]}}
+    data = {"command": "x", "runs": [run, {**run, "config": {"value_clip_eps": None, "reward_scaling": False}}]}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    loaded = results.load_results(tmp_path / "r.json")
+    assert list(results.runs_by_condition(loaded)) == ["clip 0.2, scaled rewards", "no clip, raw rewards"]
+    assert np.isnan(results.curve_matrix([run], "episodic_return")[0, 0])
+    np.testing.assert_allclose(results.final_scores([run], last_fraction=0.5), [25.0])
+    np.testing.assert_allclose(results.window_scores([run], 2, 3), [15.0])
+    with pytest.raises(ValueError, match="no iteration"):
+        results.window_scores([run], 10, 20)
+
+
+def test_import_valueloss_does_not_import_experiments():
+    """`import valueloss` loads neither valueloss.experiments nor gymnasium or matplotlib."""
+    code = ("import sys, valueloss; bad = [m for m in ('valueloss.experiments', 'gymnasium', 'matplotlib') "
+            "if m in sys.modules]; print(bad)")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------- figures and explorer
+
+
+def test_figures_draw_the_data(tmp_path):
+    """Learning curves plot the IQM of each condition; the final-score plot marks every seed."""
+    runs = [{"config": {"value_clip_eps": clip, "reward_scaling": False}, "seed": s,
+             "curves": {"global_step": [1.0, 2.0, 3.0, 4.0], "episodic_return": [s, s + 1.0, s + 2.0, s + 3.0]}}
+            for clip in (None, 0.2) for s in range(4)]
+    data = {"command": "x", "runs": runs}
+    ax = figures.plot_learning_curves(data, reps=50)
+    line = ax.get_lines()[0]
+    np.testing.assert_allclose(line.get_xdata(), [1, 2, 3, 4])
+    np.testing.assert_allclose(line.get_ydata(), [1.5, 2.5, 3.5, 4.5])  # IQM of seeds 0..3 = mean of 1 and 2, + t
+    ax = figures.plot_final_scores(data, last_fraction=0.25, reps=50)
+    seeds = [l for l in ax.get_lines() if l.get_marker() == "x"]
+    np.testing.assert_allclose(seeds[0].get_xdata(), [3.0, 4.0, 5.0, 6.0])
+    curves = {"a": {"relative_error": np.array([1.0, 0.5, 0.25])}}
+    ax = figures.plot_toy_curves(curves, threshold=0.05)
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1.0, 0.5, 0.25])
+
+
+def test_explorer_controls_rerun_the_toy_critic():
+    """Moving the clip_eps slider re-runs the critic: the curve changes and equals a direct run."""
+    base = toy_critic.ToyCriticConfig(**TINY_TOY)
+    explorer = ToyCriticExplorer(scale=100.0, clip_eps=0.2, base=base)
+    before = np.array(explorer.lines["error"].get_ydata())
+    explorer.clip_eps.value = 20.0
+    after = np.array(explorer.lines["error"].get_ydata())
+    expected = toy_critic.run_toy_critic(base.replace(scale=100.0, clip_eps=explorer.clip_eps.value))
+    np.testing.assert_allclose(after, expected["relative_error"])
+    assert not np.allclose(before, after)
+    explorer.no_clip.value = True
+    np.testing.assert_allclose(explorer.lines["error"].get_ydata(), explorer.lines["baseline_error"].get_ydata())
+    assert "no clipping" in explorer.summary.value and explorer.image.value[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_bad_arguments_and_draws_the_key_figure(tmp_path, capsys):
+    """Bad --value-clip-eps / --reward-scaling values exit with a message; `figure` writes a PNG of a results file."""
+    for bad in (["--value-clip-eps", "-1"], ["--reward-scaling", "maybe"]):
+        with pytest.raises(SystemExit):
+            cli.main(["ppo", *bad, "--out", str(tmp_path / "x.json")])
+        assert "expected" in capsys.readouterr().err
+    runs = [{"config": {"value_clip_eps": clip, "reward_scaling": True, "total_timesteps": 8}, "seed": s,
+             "curves": {"global_step": [4.0, 8.0], "episodic_return": [10.0 + s, 20.0 + s]}}
+            for clip in (None, 0.2) for s in range(3)]
+    (tmp_path / "r.json").write_text(json.dumps({"command": "x", "runs": runs}))
+    cli.main(["figure", str(tmp_path / "r.json"), "--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
