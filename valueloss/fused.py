@@ -14,8 +14,9 @@ kind, dtypes, device), with dynamic shapes so that new batch shapes do not recom
 compilation fails (no C++ compiler, no Triton, ...), :func:`fused_value_loss` warns once and falls
 back to the eager closed form of :func:`valueloss.functional.value_loss_grad`.
 
-Only ``values`` is differentiated; the backward is ``once_differentiable`` (a second-order gradient
-raises a clear error), and ``retain_graph=True`` works (the stored gradient is never modified).
+Only ``values`` is differentiated; there is no second derivative (backward with
+``create_graph=True`` raises a clear error), and ``retain_graph=True`` works (the stored gradient
+is never modified).
 Nothing in the forward synchronises with the host.
 """
 
@@ -30,7 +31,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import functional as F
 from .functional import Count
@@ -39,6 +39,7 @@ __all__ = ["AUTO_MIN_NUMEL", "FusedValueLoss", "compile_available", "fused_value
 
 _LOCK = threading.Lock()
 _KERNELS: dict = {}
+_CONSTANTS: dict = {}  # (value, dtype, device) -> 0-dim tensor read by the kernels
 _COMPILERS: dict = {}  # inductor's list of C++ compilers -> the first one found on the PATH
 _COMPILE_ERROR: Optional[str] = None  # set once compilation has failed; from then on the eager closed form runs
 _WARNED = False
@@ -60,6 +61,7 @@ def reset() -> None:
     global _COMPILE_ERROR, _WARNED
     with _LOCK:
         _KERNELS.clear()
+        _CONSTANTS.clear()
         _COMPILE_ERROR = None
         _WARNED = False
 
@@ -127,14 +129,17 @@ def _token_pass(
     old_values: Optional[Tensor],
     returns: Tensor,
     action_mask: Optional[Tensor],
-    clip_eps: Optional[float],
+    clip_eps: Optional[Tensor],
     variant: str,
     loss_type: str,
-    huber_delta: float,
+    huber_delta: Tensor,
     per_sequence: bool,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-token work, written for inductor to fuse into one loop over the tokens.
+
+    ``clip_eps`` and ``huber_delta`` arrive as 0-dim tensors, so that one compiled kernel serves
+    every value (and no value is baked into generated code).
 
     Returns ``(grad_tokens, loss_sum, weight_sum)``: ``mask * d loss_token / d values`` in ``dtype``,
     and the sums of ``mask * loss_token`` and of ``mask`` over everything (``per_sequence=False``)
@@ -189,42 +194,62 @@ def _kernel(key: tuple) -> Callable:
 # --------------------------------------------------------------------------- reductions
 
 
-def _finish(
+def _reduce(
     loss_sum: Tensor,
     weight_sum: Tensor,
-    shape: torch.Size,
+    tokens_per_sequence: int,
     mode: str,
     scale: float,
     dp_size: int,
     batch_num_tokens: Count,
     global_batch_size: Count,
     loss_scale_factor: Optional[float],
-) -> tuple[Tensor, Tensor]:
-    """The reduced loss and the factor that turns ``grad_tokens`` into d loss / d values.
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The reduced loss from the kernel's sums, and the denominators backward needs.
 
-    The factor is a scalar for the token modes and a ``(..., 1)`` column for the sequence modes;
-    these are :func:`valueloss.functional.aggregation_weights` with the mask factored out.
+    Same operations in the same order as :func:`valueloss.functional.value_loss`, so that the
+    gradient built by :func:`_loss_to_tokens` is autograd's of the eager formula.
     """
-    if mode in ("token-mean", "token-sum"):
-        if mode == "token-sum":
-            factor = loss_sum.new_tensor(scale * dp_size)
-        else:
-            count = weight_sum if batch_num_tokens is None else _as_tensor(batch_num_tokens, loss_sum)
-            factor = scale * dp_size / F._safe_denominator(count)
-        return loss_sum * factor, factor
+    if mode == "token-sum":
+        return scale * (loss_sum * dp_size), ()
+    if mode == "token-mean":
+        count = weight_sum if batch_num_tokens is None else _as_tensor(batch_num_tokens, loss_sum)
+        denominator = F._safe_denominator(count)
+        return scale * (loss_sum / denominator * dp_size), (denominator,)
     nonempty = weight_sum > 0
     if mode == "seq-mean-token-mean":
-        per_sequence = torch.where(nonempty, 1.0 / F._safe_denominator(weight_sum), 0.0)
+        tokens = F._safe_denominator(weight_sum)
+        per_sequence = loss_sum / tokens
     else:
-        per_sequence = nonempty.to(loss_sum.dtype)
+        tokens = weight_sum  # unused by backward
+        per_sequence = loss_sum
     if global_batch_size is None:
-        sequences = nonempty.to(loss_sum.dtype).sum()
+        sequences = F._safe_denominator(nonempty.to(loss_sum.dtype).sum())
     else:
-        sequences = _as_tensor(global_batch_size, loss_sum)
-    factor = per_sequence * (scale * dp_size) / F._safe_denominator(sequences)
+        sequences = F._safe_denominator(_as_tensor(global_batch_size, loss_sum))
+    loss = torch.where(nonempty, per_sequence, 0.0).sum() / sequences * dp_size
     if mode == "seq-mean-token-sum-norm":
-        factor = factor / (loss_scale_factor if loss_scale_factor is not None else max(shape[-1], 1))
-    return (loss_sum * factor).sum(), factor
+        loss = loss / _norm(loss_scale_factor, tokens_per_sequence)
+    return scale * loss, (sequences, nonempty, tokens)
+
+
+def _loss_to_tokens(grad_output: Tensor, denominators: tuple, config: tuple, tokens_per_sequence: int) -> Tensor:
+    """d loss / d (mask * per-token loss): autograd's backward of :func:`_reduce`, step by step."""
+    _, _, mode, _, _, scale, dp_size, loss_scale_factor = config
+    grad = grad_output * scale
+    if mode == "token-sum":
+        return grad * dp_size
+    if mode == "token-mean":
+        return grad * dp_size / denominators[0]
+    sequences, nonempty, tokens = denominators
+    if mode == "seq-mean-token-sum-norm":
+        grad = grad / _norm(loss_scale_factor, tokens_per_sequence)
+    grad = torch.where(nonempty, grad * dp_size / sequences, 0.0)
+    return grad / tokens if mode == "seq-mean-token-mean" else grad
+
+
+def _norm(loss_scale_factor: Optional[float], tokens_per_sequence: int) -> float:
+    return loss_scale_factor if loss_scale_factor is not None else max(tokens_per_sequence, 1)
 
 
 def _as_tensor(count, like: Tensor) -> Tensor:
@@ -240,31 +265,56 @@ class FusedValueLoss(torch.autograd.Function):
     """Forward: loss and the per-token gradient in one pass; backward: one multiply.
 
     Call through :func:`fused_value_loss`, which validates the arguments. ``apply(values,
-    old_values, returns, action_mask, config, counts)``; only ``values`` gets a gradient.
+    old_values, returns, action_mask, config, counts)``; only ``values`` gets a gradient. Saved for
+    backward: the per-token gradient (compute dtype, the size of ``values``) and a few scalars or
+    per-sequence denominators.
     """
 
     @staticmethod
     def forward(ctx, values, old_values, returns, action_mask, config, counts):
-        loss, grad_tokens, factor = _forward(values, old_values, returns, action_mask, config, counts)
-        ctx.save_for_backward(grad_tokens, factor)
-        ctx.values_dtype = values.dtype
+        loss, grad_tokens, denominators, compiled = _forward(values, old_values, returns, action_mask, config, counts)
+        ctx.save_for_backward(grad_tokens, *denominators)
+        ctx.config, ctx.compiled, ctx.values_dtype = config, compiled, values.dtype
+        ctx.tokens_per_sequence = values.shape[-1]
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        grad_tokens, factor = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused value loss has no second derivative: backward with create_graph=True is not supported; "
+                "use ValueLoss(fused=False) (or valueloss.functional.value_loss) for double backward"
+            )
+        grad_tokens, *denominators = ctx.saved_tensors
+        if ctx.compiled:
+            scale_tokens = _loss_to_tokens(grad_output, tuple(denominators), ctx.config, ctx.tokens_per_sequence)
+            if scale_tokens.dim() > 0:  # one factor per sequence: (sequences, 1) -> (..., 1)
+                scale_tokens = scale_tokens.reshape(grad_tokens.shape[:-1] + (1,))
+        else:  # the fallback saved the finished gradient
+            scale_tokens = grad_output
         grad_values = torch.empty(grad_tokens.shape, dtype=ctx.values_dtype, device=grad_tokens.device)
         # One pass: computed in the saved (compute) dtype, rounded once into the values' dtype.
-        torch.mul(grad_tokens, factor * grad_output.to(factor.dtype), out=grad_values)
+        torch.mul(scale_tokens.to(grad_tokens.dtype), grad_tokens, out=grad_values)
         return grad_values, None, None, None, None, None
 
 
 def _flat(t: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
-    return None if t is None else t.reshape(shape)
+    # detach(): a tensor without a view base, so that dynamo does not guard on the caller's layout.
+    return None if t is None else t.reshape(shape).detach()
+
+
+def _constant(value: Optional[float], dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+    """``value`` as a cached 0-dim tensor: the kernel reads it instead of baking it in (no recompiles)."""
+    if value is None:
+        return None
+    key = (value, dtype, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 def _forward(values, old_values, returns, action_mask, config, counts):
+    """(loss, saved gradient, denominators, compiled?) by the compiled kernel, or by the eager closed form."""
     global _COMPILE_ERROR
     clip_eps, variant, mode, loss_type, huber_delta, scale, dp_size, loss_scale_factor = config
     batch_num_tokens, global_batch_size = counts
@@ -277,27 +327,26 @@ def _forward(values, old_values, returns, action_mask, config, counts):
         flat = [_flat(t, shape) for t in (values, old_values, returns, action_mask)]
         key = (
             values.device.type,
-            clip_eps,
+            clip_eps is None,
             variant,
             loss_type,
-            huber_delta,
             per_sequence,
             tuple(None if t is None else t.dtype for t in (values, old_values, returns, action_mask)),
         )
+        constants = [_constant(c, dtype, values.device) for c in (clip_eps, huber_delta)]
         try:
             grad_tokens, loss_sum, weight_sum = _kernel(key)(
-                *flat, clip_eps, variant, loss_type, huber_delta, per_sequence, dtype
+                *flat, constants[0], variant, loss_type, constants[1], per_sequence, dtype
             )
         except Exception as error:  # compilation failed: remember it, warn once, use the eager closed form
-            _COMPILE_ERROR = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            message = str(error).strip()
+            _COMPILE_ERROR = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
         else:
-            loss, factor = _finish(
-                loss_sum, weight_sum, values.shape, mode, scale, dp_size, batch_num_tokens, global_batch_size,
+            loss, denominators = _reduce(
+                loss_sum, weight_sum, values.shape[-1], mode, scale, dp_size, batch_num_tokens, global_batch_size,
                 loss_scale_factor,
             )
-            if per_sequence:
-                factor = factor.reshape(values.shape[:-1] + (1,))
-            return loss, grad_tokens.reshape(values.shape), factor
+            return loss, grad_tokens.reshape(values.shape), denominators, True
     if values.numel() > 0:
         _warn_fallback()
     kwargs = dict(
@@ -308,7 +357,7 @@ def _forward(values, old_values, returns, action_mask, config, counts):
     with torch.no_grad():
         loss = F.value_loss(values, old_values, returns, action_mask, **kwargs)
         grad = F.value_loss_grad(values, old_values, returns, action_mask, **kwargs)
-    return loss, grad, grad.new_ones(())
+    return loss, grad, (), False
 
 
 def _warn_fallback() -> None:
