@@ -120,7 +120,7 @@ def time_methods(steps, repeats, device="cpu", reset=lambda: None):
         step()
         _sync(device)
         first[name] = time.perf_counter() - start
-    for name, step in steps.items():  # one more warm-up call each
+    for step in steps.values():  # one more warm-up call each
         reset()
         step()
     for rep in range(repeats):
@@ -155,6 +155,63 @@ def peak_extra_bytes(step, device="cpu", reset=lambda: None):
         current += nbytes
         peak = max(peak, current)
     return peak
+
+
+def saved_for_backward_bytes(loss_fn, inputs):
+    """Bytes of the tensors autograd keeps for backward after ``loss_fn(*inputs)``, inputs not counted.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an operation (or our
+    ``autograd.Function``) saves passes through the pack hook; distinct storages are summed once.
+    """
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in input_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(*inputs)
+    return sum(saved.values())
+
+
+def load_results(path):
+    """A results file written by ``--json``."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def series(result, method, key="median_s", dtype="fp32", mask="bool", threads=1):
+    """(numels, values of ``key``) of one method over the sizes, for one dtype, mask kind and thread count."""
+    rows = [
+        r for r in result["rows"]
+        if r["method"] == method and r["dtype"] == dtype and r["mask"] == mask and r["threads"] == threads
+    ]
+    rows.sort(key=lambda r: r["numel"])
+    return [r["numel"] for r in rows], [r[key] for r in rows]
+
+
+def targets(result, sizes=("1M", "4M")):
+    """The issue's targets, per configuration at the given sizes: (config, measured, met?) tuples.
+
+    fused >= 20x faster than the reference, fused within 2.5x of the floor, fused peak extra memory
+    <= 2x the input, and (where ``default`` is not the fused path) default >= 3x faster than the reference.
+    """
+    checks = []
+    for r in result["rows"]:
+        if r["size"] not in sizes:
+            continue
+        config = f"{r['size']} {r['dtype']} {r['mask']} {r['threads']}t"
+        speedup, floor, peak = r["speedup_vs_reference"], r["ratio_to_floor"], r["peak_extra_vs_input"]
+        if r["method"] == "fused":
+            checks.append((config, "fused speedup vs reference", speedup, speedup >= 20))
+            checks.append((config, "fused time / floor", floor, floor <= 2.5))
+            checks.append((config, "fused peak extra / input", peak, peak <= 2.0))
+        if r["method"] == "default" and r["numel"] < result["settings"]["auto_min_numel"]:
+            checks.append((config, "default speedup vs reference", speedup, speedup >= 3))
+    return checks
 
 
 def machine_info():
@@ -255,7 +312,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int)
     args = parser.parse_args(argv)
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load {info.get('load_average_start')}")
+    load = info.get("load_average_start")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {load}")
     result = run(short=args.short, device=args.device, repeats=args.repeats)
     if args.json:
         with open(args.json, "w") as f:

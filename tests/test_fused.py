@@ -34,7 +34,8 @@ MODES = (
 
 
 def _reference_loss(values, old_values, returns, mask, *, clip_eps, variant="max", loss_type="squared",
-                    huber_delta=1.0, mode="token-mean", scale=0.5, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+                    huber_delta=1.0, mode="token-mean", scale=0.5, dp_size=1, batch_num_tokens=None,
+                    global_batch_size=None, loss_scale_factor=None):
     """The loss in float64, written from the formulas (ppo2 / OpenRLHF / SB3 / verl agg_loss), per sequence."""
     v, r = values.double(), returns.double()
     ov = None if old_values is None else old_values.double()
@@ -62,7 +63,7 @@ def _reference_loss(values, old_values, returns, mask, *, clip_eps, variant="max
         n = row_w.sum() if batch_num_tokens is None else torch.as_tensor(float(batch_num_tokens), dtype=torch.float64)
         return scale * (rows.sum() / n if n > 0 else rows.sum() * 0) * dp_size
     total, sequences = 0.0, 0
-    for row, w in zip(rows, row_w):
+    for row, w in zip(rows, row_w, strict=True):
         if w.sum() > 0:
             sequences += 1
             total = total + (row.sum() / w.sum() if mode == "seq-mean-token-mean" else row.sum())
@@ -170,7 +171,7 @@ def test_other_dtypes_accumulate_in_float32_and_return_input_dtype(uncompiled, d
 
 @pytest.mark.parametrize("mode", MODES)
 def test_global_counts_match_reference(uncompiled, mode):
-    """dp_size with batch_num_tokens / global_batch_size / loss_scale_factor (numbers and tensors) as in the reference."""
+    """dp_size with the global counts and loss_scale_factor (numbers and tensors) as in the reference."""
     values, old_values, returns, action_mask = _inputs((3, 2, 50), mask="bool")
     counts = dict(dp_size=4, batch_num_tokens=torch.tensor(1234.0), global_batch_size=17, loss_scale_factor=64.0)
     loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode, scale=1.0, **counts)
@@ -262,7 +263,8 @@ def test_compiled_band_edges_and_ties_are_exact():
 def test_compiled_huber_and_clipped_variant_match_reference():
     """The compiled Huber loss and the SB3 'clipped' variant give the float64 reference's results."""
     values, old_values, returns, action_mask = _inputs((41, 401), mask="float")
-    for config in (dict(variant="max", loss_type="huber", huber_delta=0.5), dict(variant="clipped", loss_type="squared")):
+    configs = (dict(variant="max", loss_type="huber", huber_delta=0.5), dict(variant="clipped", loss_type="squared"))
+    for config in configs:
         kwargs = dict(clip_eps=0.2, mode="seq-mean-token-sum", huber_delta=1.0) | config
         loss, grad = _fused_and_grad(values, old_values, returns, action_mask, **kwargs)
         ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, **kwargs)
@@ -286,7 +288,7 @@ def test_masked_out_nan_and_inf_never_leak():
     """NaN/inf in masked-out positions of every input leave the loss and gradient finite and exact."""
     values, old_values, returns, action_mask = _inputs((41, 401), mask="bool")
     dirty = [t.clone() for t in (values, old_values, returns)]
-    for t, bad in zip(dirty, (math.nan, math.inf, -math.inf)):
+    for t, bad in zip(dirty, (math.nan, math.inf, -math.inf), strict=True):
         t[~action_mask] = bad
     loss, grad = _fused_and_grad(*dirty, action_mask, clip_eps=0.2, mode="token-sum")
     clean_loss, clean_grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode="token-sum")
@@ -406,7 +408,7 @@ def test_compile_failure_falls_back_with_one_warning(fresh_state, monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "InvalidCxxCompiler" in messages[0]
     assert not fused.compile_available("cpu")
-    for mode, (loss, grad) in zip(MODES, results):
+    for mode, (loss, grad) in zip(MODES, results, strict=True):
         eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad, eager_grad)
@@ -431,7 +433,8 @@ def test_valueloss_fused_true_equals_fused_false(uncompiled):
         results = []
         for setting in (True, False):
             leaf = values.clone().requires_grad_(True)
-            loss = ValueLoss(0.2, loss_agg_mode=mode, variant=variant, fused=setting)(leaf, old_values, returns, action_mask)
+            loss_fn = ValueLoss(0.2, loss_agg_mode=mode, variant=variant, fused=setting)
+            loss = loss_fn(leaf, old_values, returns, action_mask)
             loss.backward()
             results.append((loss.detach(), leaf.grad))
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)

@@ -27,7 +27,7 @@ import shutil
 import threading
 import types
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ _LOCK = threading.Lock()
 _KERNELS: dict = {}
 _CONSTANTS: dict = {}  # (value, dtype, device) -> 0-dim tensor read by the kernels
 _COMPILERS: dict = {}  # inductor's list of C++ compilers -> the first one found on the PATH
-_COMPILE_ERROR: Optional[str] = None  # set once compilation has failed; from then on the eager closed form runs
+_COMPILE_ERROR: str | None = None  # set once compilation has failed; from then on the eager closed form runs
 _WARNED = False
 
 # Exposed for tests: replace to simulate a machine where compilation fails.
@@ -86,7 +86,7 @@ def compile_available(device: torch.device | str = "cpu") -> bool:
     return False
 
 
-def _cpu_compiler() -> Optional[str]:
+def _cpu_compiler() -> str | None:
     """The first C++ compiler of inductor's search list (``config.cpp.cxx``, from ``$CXX``) on the PATH."""
     from torch._inductor import config as inductor_config
 
@@ -106,7 +106,7 @@ compilation pays for itself within a few hundred steps, and small teaching input
 """
 
 
-def use_fused(fused: bool | str, values: Tensor, *others: Optional[Tensor]) -> bool:
+def use_fused(fused: bool | str, values: Tensor, *others: Tensor | None) -> bool:
     """Whether :class:`valueloss.ValueLoss` with setting ``fused`` takes the fused path for these inputs.
 
     ``True``/``False`` force it; ``"auto"`` takes it when ``values`` needs a gradient, has at least
@@ -131,10 +131,10 @@ def use_fused(fused: bool | str, values: Tensor, *others: Optional[Tensor]) -> b
 
 def _token_pass(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
-    action_mask: Optional[Tensor],
-    clip_eps: Optional[Tensor],
+    action_mask: Tensor | None,
+    clip_eps: Tensor | None,
     variant: str,
     loss_type: str,
     huber_delta: Tensor,
@@ -208,7 +208,7 @@ def _reduce(
     dp_size: int,
     batch_num_tokens: Count,
     global_batch_size: Count,
-    loss_scale_factor: Optional[float],
+    loss_scale_factor: float | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The reduced loss from the kernel's sums, and the denominators backward needs.
 
@@ -253,7 +253,7 @@ def _loss_to_tokens(grad_output: Tensor, denominators: tuple, config: tuple, tok
     return grad / tokens if mode == "seq-mean-token-mean" else grad
 
 
-def _norm(loss_scale_factor: Optional[float], tokens_per_sequence: int) -> float:
+def _norm(loss_scale_factor: float | None, tokens_per_sequence: int) -> float:
     return loss_scale_factor if loss_scale_factor is not None else max(tokens_per_sequence, 1)
 
 
@@ -303,12 +303,12 @@ class FusedValueLoss(torch.autograd.Function):
         return grad_values, None, None, None, None, None
 
 
-def _flat(t: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
+def _flat(t: Tensor | None, shape: tuple) -> Tensor | None:
     # detach(): a tensor without a view base, so that dynamo does not guard on the caller's layout.
     return None if t is None else t.reshape(shape).detach()
 
 
-def _constant(value: Optional[float], dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+def _constant(value: float | None, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """``value`` as a cached 0-dim tensor: the kernel reads it instead of baking it in (no recompiles)."""
     if value is None:
         return None
@@ -379,11 +379,11 @@ def _warn_fallback() -> None:
 
 def fused_value_loss(
     values: Tensor,
-    old_values: Optional[Tensor],
+    old_values: Tensor | None,
     returns: Tensor,
-    action_mask: Optional[Tensor] = None,
+    action_mask: Tensor | None = None,
     *,
-    clip_eps: Optional[float] = None,
+    clip_eps: float | None = None,
     variant: str = "max",
     mode: str = "token-mean",
     loss_type: str = "squared",
@@ -392,7 +392,7 @@ def fused_value_loss(
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: Optional[float] = None,
+    loss_scale_factor: float | None = None,
 ) -> Tensor:
     """:func:`valueloss.functional.value_loss` in one compiled pass; see :class:`valueloss.ValueLoss`.
 
