@@ -187,11 +187,11 @@ def _new_function(fn: Callable, suffix: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _kernel(key: tuple) -> Callable:
+def _kernel(key: tuple, fn: Callable = _token_pass) -> Callable:
     with _LOCK:
         kernel = _KERNELS.get(key)
         if kernel is None:
-            kernel = _COMPILE(_new_function(_token_pass, str(len(_KERNELS))))
+            kernel = _COMPILE(_new_function(fn, str(len(_KERNELS))))
             _KERNELS[key] = kernel
     return kernel
 
@@ -297,10 +297,28 @@ class FusedValueLoss(torch.autograd.Function):
                 scale_tokens = scale_tokens.reshape(grad_tokens.shape[:-1] + (1,))
         else:  # the fallback saved the finished gradient
             scale_tokens = grad_output
-        grad_values = torch.empty(grad_tokens.shape, dtype=ctx.values_dtype, device=grad_tokens.device)
-        # One pass: computed in the saved (compute) dtype, rounded once into the values' dtype.
-        torch.mul(scale_tokens.to(grad_tokens.dtype), grad_tokens, out=grad_values)
-        return grad_values, None, None, None, None, None
+        return _scale(grad_tokens, scale_tokens.to(grad_tokens.dtype), ctx.values_dtype), None, None, None, None, None
+
+
+def _scale_and_cast(grad_tokens: Tensor, scale_tokens: Tensor, dtype: torch.dtype) -> Tensor:
+    return (scale_tokens * grad_tokens).to(dtype)
+
+
+def _scale(grad_tokens: Tensor, scale_tokens: Tensor, dtype: torch.dtype) -> Tensor:
+    """``scale_tokens * grad_tokens`` in the compute dtype, rounded once into ``dtype``, in one pass.
+
+    Same dtype: one eager ``mul``. Half-precision ``values``: eager PyTorch would write a float32
+    product and then copy it (2 more inputs' worth of memory), so this multiply-and-round is compiled too.
+    """
+    if dtype == grad_tokens.dtype:
+        return scale_tokens * grad_tokens
+    if _COMPILE_ERROR is None and grad_tokens.numel() > 0:
+        key = ("scale", grad_tokens.device.type, grad_tokens.dtype, dtype, scale_tokens.dim())
+        try:
+            return _kernel(key, _scale_and_cast)(grad_tokens, scale_tokens, dtype)
+        except Exception:  # noqa: BLE001 -- the eager fallback below is always correct
+            pass
+    return (scale_tokens * grad_tokens).to(dtype)
 
 
 def _flat(t: Tensor | None, shape: tuple) -> Tensor | None:
