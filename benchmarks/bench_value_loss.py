@@ -29,6 +29,7 @@ Usage: ``python benchmarks/bench_value_loss.py [--short] [--json out.json]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -135,6 +136,20 @@ def time_methods(steps, repeats, device="cpu", reset=lambda: None):
     return first, times
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler library's start/stop lines, which it writes straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_extra_bytes(step, device="cpu", reset=lambda: None):
     """Peak of (allocated - freed) bytes during one call of ``step``, from the profiler's memory events."""
     reset()
@@ -145,7 +160,7 @@ def peak_extra_bytes(step, device="cpu", reset=lambda: None):
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(
         (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
