@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -412,6 +415,38 @@ def test_compile_failure_falls_back_with_one_warning(fresh_state, monkeypatch):
         eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad, eager_grad)
+
+
+_NO_COMPILER_SCRIPT = """
+import warnings, torch
+from valueloss import ValueLoss, fused, functional as F
+values = torch.randn(8, 700, requires_grad=True)
+old_values, returns, mask = torch.randn(8, 700), torch.randn(8, 700), torch.rand(8, 700) > 0.3
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        values.grad = None
+        fused.fused_value_loss(values, old_values, returns, mask, clip_eps=0.2).backward()
+grad = values.grad.clone()
+values.grad = None
+F.value_loss(values, old_values, returns, mask, clip_eps=0.2).backward()
+print("available", fused.compile_available(), "auto", fused.use_fused("auto", values.expand(100, 8, 700)))
+print("warnings", sum(issubclass(w.category, RuntimeWarning) for w in caught))
+print("message", [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][0][:80])
+print("equal", torch.allclose(grad, values.grad, rtol=1e-6, atol=0))
+"""
+
+
+def test_without_a_cpp_compiler_falls_back_in_a_fresh_process():
+    """With CXX pointing nowhere (and no compiled cache), the real inductor error leads to the eager fallback."""
+    env = dict(os.environ, CXX="/nonexistent/g++", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    proc = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["available"] == "False auto False"
+    assert lines["warnings"] == "1" and "torch.compile is unavailable" in lines["message"]
+    assert lines["equal"] == "True"
 
 
 def test_reset_forgets_a_failure(fresh_state, monkeypatch):

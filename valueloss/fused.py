@@ -9,8 +9,10 @@ the per-token gradient and reduces the loss; backward multiplies the stored grad
 the result equals autograd of the eager formula.
 
 The pass is a plain PyTorch function compiled with :func:`torch.compile` (inductor: C++/OpenMP on
-CPU, Triton on GPU), one compiled kernel per configuration (variant, loss type, clip range, mask
-kind, dtypes, device), with dynamic shapes so that new batch shapes do not recompile. When
+CPU, Triton on GPU), one compiled kernel per configuration (variant, loss type, clipping on or off,
+token or sequence reduction, dtypes and mask kind, device; ``clip_eps`` and ``huber_delta`` are
+kernel inputs), with dynamic shapes so that new batch shapes do not recompile (inductor may compile a
+second variant for inputs of at most 4096 tokens, and again after ``torch.set_num_threads``). When
 compilation fails (no C++ compiler, no Triton, ...), :func:`fused_value_loss` warns once and falls
 back to the eager closed form of :func:`valueloss.functional.value_loss_grad`.
 
