@@ -18,8 +18,7 @@ back to the eager closed form of :func:`valueloss.functional.value_loss_grad`.
 
 Only ``values`` is differentiated; there is no second derivative (backward with
 ``create_graph=True`` raises a clear error), and ``retain_graph=True`` works (the stored gradient
-is never modified).
-Nothing in the forward synchronises with the host.
+is never modified). Nothing in the forward synchronises with the host.
 """
 
 from __future__ import annotations
@@ -46,16 +45,13 @@ _COMPILERS: dict = {}  # inductor's list of C++ compilers -> the first one found
 _COMPILE_ERROR: str | None = None  # set once compilation has failed; from then on the eager closed form runs
 _WARNED = False
 
-# Exposed for tests: replace to simulate a machine where compilation fails.
-_COMPILE: Callable = None  # type: ignore[assignment]  # set below, after _torch_compile is defined
-
 
 def _torch_compile(fn: Callable) -> Callable:
-    """``torch.compile`` with the settings of this module: a single graph, dynamic shapes."""
+    """``torch.compile`` with the settings of this module: a single graph (no host syncs), dynamic shapes."""
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-_COMPILE = _torch_compile
+_COMPILE: Callable = _torch_compile  # tests replace it to simulate a machine where compilation fails
 
 
 def reset() -> None:
