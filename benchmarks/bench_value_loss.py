@@ -102,7 +102,8 @@ def make_steps(inputs):
     return steps
 
 
-def _drop_grad(inputs):
+def drop_grad(inputs):
+    """Forget ``values.grad`` (called before every timed or profiled step, outside the measurement)."""
     inputs[0].grad = None
 
 
@@ -290,7 +291,7 @@ def _run_config(size, dtype_name, mask_kind, n_threads, device, repeats):
     numel = SIZES[size]
     inputs = make_inputs(numel, DTYPES[dtype_name], mask_kind, device)
     steps = make_steps(inputs)
-    reset = lambda: _drop_grad(inputs)  # noqa: E731
+    reset = lambda: drop_grad(inputs)  # noqa: E731
     first, times = time_methods(steps, repeats, device, reset)
     input_bytes = inputs[0].numel() * inputs[0].element_size()
     medians = {name: statistics.median(ts) for name, ts in times.items()}
