@@ -276,12 +276,13 @@ def test_compiled_huber_and_clipped_variant_match_reference():
 
 
 @needs_compiler
-def test_compiled_bfloat16_matches_eager():
-    """Compiled bf16: loss in fp32 equal to eager's (1e-6 relative), gradient in bf16 equal to eager autograd's."""
-    values, old_values, returns, action_mask = _inputs((41, 401), dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_half_precision_matches_eager(dtype):
+    """Compiled bf16/fp16: fp32 loss equal to eager's (1e-6 relative), gradient in the input dtype bit for bit."""
+    values, old_values, returns, action_mask = _inputs((41, 401), dtype=dtype)
     loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
     eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
-    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, eager_grad, rtol=0, atol=0)
 
@@ -343,8 +344,12 @@ def test_forward_never_reads_tensor_values_on_host(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     leaf = values.clone().requires_grad_(True)
-    for mode in ("token-mean", "seq-mean-token-mean"):
-        fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2, mode=mode, **counts)
+    losses = [fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2, mode=mode, **counts)
+              for mode in ("token-mean", "seq-mean-token-mean")]
+    monkeypatch.undo()
+    for mode, loss in zip(("token-mean", "seq-mean-token-mean"), losses, strict=True):  # and the global counts count
+        ref_loss, _ = _reference(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode, **counts)
+        torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-6, atol=0)
 
 
 @needs_compiler
