@@ -1,0 +1,342 @@
+"""Forward+backward time and peak extra memory of PPO's value loss: eager reference, ours, fused, floor.
+
+Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``):
+
+* ``reference``: OpenRLHF's formula written out here (``openrlhf/models/loss.py::ValueLoss`` with
+  ``token_level_loss=True``, checked 2026-11-25), under autograd, in the inputs' dtype;
+* ``eager``: ``ValueLoss(0.2, fused=False)``, our eager path (fp32 accumulation, NaN-safe masking);
+* ``default``: ``ValueLoss(0.2)``, what users get (``fused="auto"``: eager below
+  ``valueloss.fused.AUTO_MIN_NUMEL`` tokens, fused above);
+* ``fused``: ``ValueLoss(0.2, fused=True)``, the one-pass compiled kernel;
+* ``floor``: a streaming pass that reads the four inputs once and writes one tensor
+  (``values + old_values + returns * mask``, compiled into one loop): no loss can be cheaper.
+
+Timing: every repetition runs each method once, in turn (interleaved, so that load on the
+machine hits all methods alike); we report medians and their ratios to ``reference`` from the same
+run. The first call of each method and shape is timed separately (``first_call_s``: compilation
+for ``fused``/``floor``) and excluded from the medians.
+
+Peak extra memory: each method runs once more under ``torch.profiler`` with
+``profile_memory=True``, which records every allocation and free of the CPU (or CUDA) allocator
+with its size; the running sum of those events, started with the inputs already allocated, peaks
+at ``peak_extra_bytes``. It counts everything the step allocates and holds at that moment: tensors
+saved for backward, temporaries, and the gradient ``values.grad`` itself (1x the input for fp32).
+Ratios are to the size of one input tensor (``values``).
+
+Usage: ``python benchmarks/bench_value_loss.py [--short] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from valueloss import ValueLoss, fused
+
+SIZES = {"4K": 4096, "128K": 131072, "1M": 1 << 20, "4M": 1 << 22}
+TOKENS_PER_SEQUENCE = 1024
+CLIP_EPS = 0.2
+METHODS = ("reference", "eager", "fused", "default", "floor")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def openrlhf_value_loss(values, old_values, returns, action_mask, clip_eps=CLIP_EPS):
+    """OpenRLHF's ``ValueLoss.forward`` with ``token_level_loss=True`` (masked_mean over all tokens)."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    surr1 = (values_clipped - returns) ** 2
+    surr2 = (values - returns) ** 2
+    loss = torch.max(surr1, surr2)
+    loss = (loss * action_mask).sum() / action_mask.sum()
+    return 0.5 * loss
+
+
+def _streaming_pass(values, old_values, returns, action_mask):
+    return values + old_values + returns * action_mask
+
+
+def make_inputs(numel, dtype, mask_kind, device="cpu", seed=0):
+    """(values, old_values, returns, action_mask) of shape (numel // 1024, 1024); values needs a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (numel // TOKENS_PER_SEQUENCE, TOKENS_PER_SEQUENCE)
+    values = torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    old_values = (values.detach().float() + 0.3 * torch.randn(shape, generator=g)).to(device=device, dtype=dtype)
+    returns = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    mask = torch.rand(shape, generator=g) > 0.2
+    action_mask = mask.to(device) if mask_kind == "bool" else mask.to(device=device, dtype=dtype)
+    return values, old_values, returns, action_mask
+
+
+def make_steps(inputs):
+    """One callable per method, each a full forward + backward (the floor: its one pass).
+
+    The gradient of the previous call is dropped before each call (see :func:`time_methods`), so
+    that neither its freeing nor its memory is counted.
+    """
+    values, old_values, returns, action_mask = inputs
+    floor = torch.compile(_streaming_pass, dynamic=True, fullgraph=True)
+    modules = {
+        "eager": ValueLoss(CLIP_EPS, fused=False),
+        "default": ValueLoss(CLIP_EPS),
+        "fused": ValueLoss(CLIP_EPS, fused=True),
+    }
+
+    def loss_step(loss_fn):
+        def step():
+            loss_fn(values, old_values, returns, action_mask).backward()
+
+        return step
+
+    steps = {"reference": loss_step(openrlhf_value_loss)}
+    steps.update({name: loss_step(modules[name]) for name in ("eager", "fused", "default")})
+    steps["floor"] = lambda: floor(values.detach(), old_values, returns, action_mask)
+    return steps
+
+
+def drop_grad(inputs):
+    """Forget ``values.grad`` (called before every timed or profiled step, outside the measurement)."""
+    inputs[0].grad = None
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(steps, repeats, device="cpu", reset=lambda: None):
+    """(first-call seconds, list of timings) per method, the methods interleaved in every repetition."""
+    first, times = {}, {name: [] for name in steps}
+    for name, step in steps.items():
+        reset()
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        first[name] = time.perf_counter() - start
+    for step in steps.values():  # one more warm-up call each
+        reset()
+        step()
+    for rep in range(repeats):
+        names = list(steps) if rep % 2 == 0 else list(reversed(steps))
+        for name in names:
+            reset()
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return first, times
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler library's start/stop lines, which it writes straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_extra_bytes(step, device="cpu", reset=lambda: None):
+    """Peak of (allocated - freed) bytes during one call of ``step``, from the profiler's memory events."""
+    reset()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def saved_for_backward_bytes(loss_fn, inputs):
+    """Bytes of the tensors autograd keeps for backward after ``loss_fn(*inputs)``, inputs not counted.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an operation (or our
+    ``autograd.Function``) saves passes through the pack hook; distinct storages are summed once.
+    """
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in input_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(*inputs)
+    return sum(saved.values())
+
+
+def load_results(path):
+    """A results file written by ``--json``."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def series(result, method, key="median_s", dtype="fp32", mask="bool", threads=1):
+    """(numels, values of ``key``) of one method over the sizes, for one dtype, mask kind and thread count."""
+    rows = [
+        r for r in result["rows"]
+        if r["method"] == method and r["dtype"] == dtype and r["mask"] == mask and r["threads"] == threads
+    ]
+    rows.sort(key=lambda r: r["numel"])
+    return [r["numel"] for r in rows], [r[key] for r in rows]
+
+
+def targets(result, sizes=("1M", "4M")):
+    """The issue's targets, per configuration at the given sizes: (config, measured, met?) tuples.
+
+    fused >= 20x faster than the reference, fused within 2.5x of the floor, fused peak extra memory
+    <= 2x the input, and (where ``default`` is not the fused path) default >= 3x faster than the reference.
+    """
+    checks = []
+    for r in result["rows"]:
+        if r["size"] not in sizes:
+            continue
+        config = f"{r['size']} {r['dtype']} {r['mask']} {r['threads']}t"
+        speedup, floor, peak = r["speedup_vs_reference"], r["ratio_to_floor"], r["peak_extra_vs_input"]
+        if r["method"] == "fused":
+            checks.append((config, "fused speedup vs reference", speedup, speedup >= 20))
+            checks.append((config, "fused time / floor", floor, floor <= 2.5))
+            checks.append((config, "fused peak extra / input", peak, round(peak, 2) <= 2.0))
+        if r["method"] == "default" and r["numel"] < result["settings"]["auto_min_numel"]:
+            checks.append((config, "default speedup vs reference", speedup, speedup >= 3))
+    return checks
+
+
+def machine_info():
+    """CPU model, core count, torch version and load: where and under what conditions this ran."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "compiler_available": fused.compile_available("cpu"),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def run(short=False, device="cpu", repeats=None, sizes=None, dtypes=None, masks=None, threads=None, log=print):
+    """Run the benchmark; returns a JSON-ready dict (machine, settings, one row per configuration and method)."""
+    sizes = sizes or (["128K", "1M"] if short else list(SIZES))
+    dtypes = dtypes or (["fp32"] if short else list(DTYPES))
+    masks = masks or (["bool"] if short else ["float", "bool"])
+    threads = threads or ([1] if short else [1, 2])
+    repeats = repeats or (5 if short else 15)
+    result = {
+        "machine": machine_info(),
+        "settings": {
+            "short": short, "device": device, "repeats": repeats, "sizes": sizes, "dtypes": dtypes, "masks": masks,
+            "threads": threads, "tokens_per_sequence": TOKENS_PER_SEQUENCE, "clip_eps": CLIP_EPS,
+            "auto_min_numel": fused.AUTO_MIN_NUMEL,
+        },
+        "rows": [],
+    }
+    threads_before = torch.get_num_threads()
+    try:
+        # Compile with the machine's thread count first (inductor sizes its OpenMP code then).
+        for n_threads in sorted(threads, reverse=True):
+            torch.set_num_threads(n_threads)
+            for dtype_name in dtypes:
+                for mask_kind in masks:
+                    for size in sizes:
+                        rows = _run_config(size, dtype_name, mask_kind, n_threads, device, repeats)
+                        result["rows"].extend(rows)
+                        log(_format_rows(rows))
+    finally:
+        torch.set_num_threads(threads_before)
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def _run_config(size, dtype_name, mask_kind, n_threads, device, repeats):
+    numel = SIZES[size]
+    inputs = make_inputs(numel, DTYPES[dtype_name], mask_kind, device)
+    steps = make_steps(inputs)
+    reset = lambda: drop_grad(inputs)  # noqa: E731
+    first, times = time_methods(steps, repeats, device, reset)
+    input_bytes = inputs[0].numel() * inputs[0].element_size()
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for name in METHODS:
+        peak = peak_extra_bytes(steps[name], device, reset)
+        rows.append({
+            "size": size, "numel": numel, "dtype": dtype_name, "mask": mask_kind, "threads": n_threads,
+            "method": name, "median_s": medians[name], "times_s": times[name], "first_call_s": first[name],
+            "speedup_vs_reference": medians["reference"] / medians[name],
+            "ratio_to_floor": medians[name] / medians["floor"],
+            "peak_extra_bytes": peak, "peak_extra_vs_input": peak / input_bytes,
+        })
+    return rows
+
+
+def _format_rows(rows):
+    head = rows[0]
+    lines = [f"{head['size']:>5} {head['dtype']} {head['mask']:<5} threads={head['threads']}"]
+    for row in rows:
+        lines.append(
+            f"    {row['method']:<10} {row['median_s'] * 1e3:9.3f} ms  x{row['speedup_vs_reference']:7.2f} vs reference"
+            f"  {row['ratio_to_floor']:6.2f} x floor  peak extra {row['peak_extra_vs_input']:5.2f} x input"
+            f"  (first call {row['first_call_s']:.2f} s)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true", help="fp32, bool mask, 128K and 1M tokens, 1 thread, 5 repeats")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args(argv)
+    info = machine_info()
+    load = info.get("load_average_start")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {load}")
+    result = run(short=args.short, device=args.device, repeats=args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

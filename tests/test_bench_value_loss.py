@@ -1,0 +1,60 @@
+"""Tests of benchmarks/bench_value_loss.py: its short mode runs end to end (times are reported, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_value_loss.py"
+METHODS = {"reference", "eager", "default", "fused", "floor"}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """The --short benchmark, run once as a user would, with its JSON output loaded."""
+    out = tmp_path_factory.mktemp("bench") / "short.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--short", "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_short_mode_reports_machine_and_every_method(short_run):
+    """The short run prints the machine and gives one row per method for each of its configurations."""
+    stdout, result = short_run
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] and "machine:" in stdout
+    settings = result["settings"]
+    assert settings["short"] is True
+    configs = {(r["size"], r["dtype"], r["mask"], r["threads"]) for r in result["rows"]}
+    assert len(configs) == len(settings["sizes"]) * len(settings["dtypes"]) * len(settings["masks"])
+    for config in configs:
+        rows = [r for r in result["rows"] if (r["size"], r["dtype"], r["mask"], r["threads"]) == config]
+        assert {r["method"] for r in rows} == METHODS
+
+
+def test_ratios_are_against_the_same_run(short_run):
+    """Every ratio is computed from the medians of the same run (reference = 1x, floor = 1x floor)."""
+    _, result = short_run
+    for row in result["rows"]:
+        assert len(row["times_s"]) == result["settings"]["repeats"] and row["median_s"] > 0
+        if row["method"] == "reference":
+            assert row["speedup_vs_reference"] == 1.0
+        if row["method"] == "floor":
+            assert row["ratio_to_floor"] == 1.0
+
+
+def test_peak_memory_of_fused_path_is_two_inputs_at_most(short_run):
+    """Memory is deterministic: fused holds its saved gradient + values.grad (2x), the reference about 9.5x."""
+    _, result = short_run
+    for row in result["rows"]:
+        if row["method"] == "fused":
+            assert 1.0 <= row["peak_extra_vs_input"] <= 2.01
+        if row["method"] == "reference":
+            assert row["peak_extra_vs_input"] >= 5.0

@@ -1,0 +1,531 @@
+"""Tests of valueloss.fused: the one-pass loss + gradient, against an independent float64 reference.
+
+Compilation is slow (seconds per kernel), so only a handful of configurations go through
+``torch.compile`` (each compiled once per session, shapes dynamic); the full matrix of variants,
+loss types, modes, masks and dtypes runs the *same* kernel source uncompiled (``_COMPILE`` replaced
+by the identity), which exercises everything except inductor's code generation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from valueloss import ValueLoss, fused
+from valueloss import functional as F
+from valueloss.fused import fused_value_loss
+
+MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+
+# --------------------------------------------------------------------------- independent reference
+
+
+def _reference_loss(values, old_values, returns, mask, *, clip_eps, variant="max", loss_type="squared",
+                    huber_delta=1.0, mode="token-mean", scale=0.5, dp_size=1, batch_num_tokens=None,
+                    global_batch_size=None, loss_scale_factor=None):
+    """The loss in float64, written from the formulas (ppo2 / OpenRLHF / SB3 / verl agg_loss), per sequence."""
+    v, r = values.double(), returns.double()
+    ov = None if old_values is None else old_values.double()
+    m = torch.ones_like(v) if mask is None else mask.double()
+    keep = m != 0
+    v, r = torch.where(keep, v, 0.0), torch.where(keep, r, 0.0)
+    ov = None if ov is None else torch.where(keep, ov, 0.0)
+
+    def penalty(e):
+        if loss_type == "squared":
+            return e * e
+        return torch.where(e.abs() <= huber_delta, e * e, 2 * huber_delta * e.abs() - huber_delta**2)
+
+    if clip_eps is None:
+        loss = penalty(v - r)
+    else:
+        v_clip = ov + torch.clamp(v - ov, -clip_eps, clip_eps)
+        loss = penalty(v_clip - r) if variant == "clipped" else torch.maximum(penalty(v_clip - r), penalty(v - r))
+    loss = torch.where(keep, loss, 0.0) * m
+    rows = loss.reshape(-1, loss.shape[-1])
+    row_w = m.reshape(-1, m.shape[-1])
+    if mode == "token-sum":
+        return scale * rows.sum() * dp_size
+    if mode == "token-mean":
+        n = row_w.sum() if batch_num_tokens is None else torch.as_tensor(float(batch_num_tokens), dtype=torch.float64)
+        return scale * (rows.sum() / n if n > 0 else rows.sum() * 0) * dp_size
+    total, sequences = 0.0, 0
+    for row, w in zip(rows, row_w, strict=True):
+        if w.sum() > 0:
+            sequences += 1
+            total = total + (row.sum() / w.sum() if mode == "seq-mean-token-mean" else row.sum())
+    s = sequences if global_batch_size is None else float(global_batch_size)
+    out = (total / s if s > 0 else rows.sum() * 0) * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        out = out / (loss_scale_factor or loss.shape[-1])
+    return scale * out
+
+
+def _reference(values, *args, **kwargs):
+    """(loss, d loss / d values) of the float64 reference, by autograd."""
+    leaf = values.detach().double().requires_grad_(True)
+    loss = _reference_loss(leaf, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return loss.detach(), torch.zeros_like(leaf) if grad is None else grad
+
+
+def _inputs(shape, dtype=torch.float32, mask="bool", seed=0):
+    """Random values/old_values/returns with many tokens outside the band, and a mask of the given kind."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=g).to(dtype)
+    old_values = (values.float() + 0.5 * torch.randn(shape, generator=g)).to(dtype)
+    returns = torch.randn(shape, generator=g).to(dtype)
+    keep = torch.rand(shape, generator=g) > 0.3
+    if mask == "bool":
+        action_mask = keep
+    elif mask == "float":
+        action_mask = keep.float() * torch.rand(shape, generator=g).add(0.5)
+    else:
+        action_mask = None
+    return values, old_values, returns, action_mask
+
+
+def _fused_and_grad(values, old_values, returns, action_mask, **kwargs):
+    leaf = values.detach().clone().requires_grad_(True)
+    loss = fused_value_loss(leaf, old_values, returns, action_mask, **kwargs)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def _eager_and_grad(values, old_values, returns, action_mask, **kwargs):
+    leaf = values.detach().clone().requires_grad_(True)
+    loss = F.value_loss(leaf, old_values, returns, action_mask, **kwargs)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """Run the fused kernel's source without torch.compile (fresh kernel cache, restored afterwards)."""
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_COMPILE", lambda fn: fn)
+    monkeypatch.setattr(fused, "_COMPILE_ERROR", None)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """An empty kernel cache and no remembered failure; the module state is restored afterwards."""
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_COMPILE_ERROR", None)
+    monkeypatch.setattr(fused, "_WARNED", False)
+
+
+needs_compiler = pytest.mark.skipif(not fused.compile_available("cpu"), reason="no C++ compiler for inductor")
+
+
+# --------------------------------------------------------------------------- the full matrix, uncompiled
+
+CONFIGS = [
+    dict(clip_eps=0.2, variant="max", loss_type="squared"),
+    dict(clip_eps=0.2, variant="clipped", loss_type="squared"),
+    dict(clip_eps=0.3, variant="max", loss_type="huber", huber_delta=0.7),
+    dict(clip_eps=0.3, variant="clipped", loss_type="huber", huber_delta=1.5),
+    dict(clip_eps=None, variant="max", loss_type="squared"),
+    dict(clip_eps=0.0, variant="max", loss_type="squared"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['variant']}-{c['loss_type']}-{c['clip_eps']}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask", ["bool", "float", "none"])
+def test_every_configuration_matches_float64_reference(uncompiled, config, mode, mask):
+    """Every variant x loss type x mode x mask kind gives the float64 reference's loss and gradient."""
+    values, old_values, returns, action_mask = _inputs((5, 41), mask=mask)
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, mode=mode, **config)
+    ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, mode=mode, **config)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-8)
+    assert grad.dtype == values.dtype and grad.shape == values.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_other_dtypes_accumulate_in_float32_and_return_input_dtype(uncompiled, dtype, mode):
+    """Half inputs: fp32 loss equal to the eager path's, gradient in the input dtype equal to eager autograd's."""
+    values, old_values, returns, action_mask = _inputs((4, 300), dtype=dtype)
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+    eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_global_counts_match_reference(uncompiled, mode):
+    """dp_size with the global counts and loss_scale_factor (numbers and tensors) as in the reference."""
+    values, old_values, returns, action_mask = _inputs((3, 2, 50), mask="bool")
+    counts = dict(dp_size=4, batch_num_tokens=torch.tensor(1234.0), global_batch_size=17, loss_scale_factor=64.0)
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode, scale=1.0, **counts)
+    ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, clip_eps=0.2, variant="max",
+                                    loss_type="squared", huber_delta=1.0, mode=mode, scale=1.0, **counts)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    tokens=st.integers(1, 9),
+    clip_eps=st.sampled_from([None, 0.0, 0.1, 0.5]),
+    mode=st.sampled_from(MODES),
+    keep_fraction=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 1000),
+)
+def test_random_shapes_and_masks_match_eager(rows, tokens, clip_eps, mode, keep_fraction, seed):
+    """Shapes including 1, empty and full masks: the fused result equals eager autograd of the formula."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "_KERNELS", {})
+        mp.setattr(fused, "_COMPILE", lambda fn: fn)
+        mp.setattr(fused, "_COMPILE_ERROR", None)
+        values, old_values, returns, _ = _inputs((rows, tokens), seed=seed)
+        action_mask = torch.rand((rows, tokens), generator=torch.Generator().manual_seed(seed)) < keep_fraction
+        loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=clip_eps, mode=mode)
+        eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=clip_eps, mode=mode)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_gradcheck_float64(uncompiled):
+    """torch.autograd.gradcheck passes in float64 away from the band edges and ties."""
+    values, old_values, returns, action_mask = (t.double() if t.is_floating_point() else t for t in _inputs((3, 11)))
+    leaf = values.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda v: fused_value_loss(v, old_values, returns, action_mask, clip_eps=0.2, mode="seq-mean-token-mean"),
+        (leaf,),
+    )
+
+
+# --------------------------------------------------------------------------- compiled kernels (a few configs)
+
+
+def _edge_and_tie_inputs():
+    """Dyadic inputs (exact in fp32 and fp64), one situation per column, repeated over 700 rows.
+
+    Columns 0, 1, 2, 6: ``|values - old_values| == clip_eps`` exactly (band edges; the band is closed);
+    3: outside the band, the unclipped branch wins; 4: inside; 5: outside and the two branches tie
+    exactly; 7: outside, the clipped branch wins (gradient zero).
+    """
+    values = torch.tensor([1.0, 1.0, -0.5, 2.0, 0.25, 1.0, 3.0, -2.0]).repeat(700, 1)
+    old_values = torch.tensor([0.75, 1.25, -0.25, 0.0, 0.0, 0.0, 2.75, -1.0]).repeat(700, 1)
+    returns = torch.tensor([3.0, -1.0, 2.0, 1.0, 1.0, 0.625, 0.0, -3.0]).repeat(700, 1)
+    return values, old_values, returns
+
+
+@needs_compiler
+@pytest.mark.parametrize("mask", ["bool", "float", "none"])
+@pytest.mark.parametrize("mode", ["token-sum", "seq-mean-token-mean"])
+def test_compiled_matches_eager_within_one_ulp(mask, mode):
+    """Compiled fp32: loss within 1e-6 relative of eager, gradient autograd's to 1 ulp (4 with float weights)."""
+    values, old_values, returns, action_mask = _inputs((41, 401), mask=mask)
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+    eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    # Float masks: the weight multiplies in another order than autograd's (c * m) * g, hence a few ulp.
+    torch.testing.assert_close(grad, eager_grad, rtol=2**-23 * (4 if mask == "float" else 1), atol=1e-12)
+    assert torch.equal(grad == 0, eager_grad == 0)
+
+
+@needs_compiler
+def test_compiled_band_edges_and_ties_are_exact():
+    """On band edges (closed band) and exact ties (50/50 split) the compiled gradient is autograd's, bit for bit."""
+    values, old_values, returns = _edge_and_tie_inputs()
+    action_mask = torch.ones_like(values, dtype=torch.bool)
+    kwargs = dict(clip_eps=0.25, variant="max", loss_type="squared", huber_delta=1.0, mode="token-sum")
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, **kwargs)
+    ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, **kwargs)
+    assert torch.equal(grad.double(), ref_grad)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-7, atol=0)
+    # scale 0.5 times: column 0, on the edge, full 2 (v - R) = -4 (an open band would halve it);
+    # column 5, a tie outside the band: half of the unclipped 2 (1 - 0.625) plus half of zero; column 7: zero.
+    assert grad[0, 0] == 0.5 * -4.0 and grad[0, 5] == 0.5 * 0.5 * 0.75 and grad[0, 7] == 0.0
+
+
+@needs_compiler
+def test_compiled_huber_and_clipped_variant_match_reference():
+    """The compiled Huber loss and the SB3 'clipped' variant give the float64 reference's results."""
+    values, old_values, returns, action_mask = _inputs((41, 401), mask="float")
+    configs = (dict(variant="max", loss_type="huber", huber_delta=0.5), dict(variant="clipped", loss_type="squared"))
+    for config in configs:
+        kwargs = dict(clip_eps=0.2, mode="seq-mean-token-sum", huber_delta=1.0) | config
+        loss, grad = _fused_and_grad(values, old_values, returns, action_mask, **kwargs)
+        ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, **kwargs)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_half_precision_matches_eager(dtype):
+    """Compiled bf16/fp16: fp32 loss equal to eager's (1e-6 relative), gradient in the input dtype bit for bit."""
+    values, old_values, returns, action_mask = _inputs((41, 401), dtype=dtype)
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
+    eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, eager_grad, rtol=0, atol=0)
+
+
+@needs_compiler
+def test_masked_out_nan_and_inf_never_leak():
+    """NaN/inf in masked-out positions of every input leave the loss and gradient finite and exact."""
+    values, old_values, returns, action_mask = _inputs((41, 401), mask="bool")
+    dirty = [t.clone() for t in (values, old_values, returns)]
+    for t, bad in zip(dirty, (math.nan, math.inf, -math.inf), strict=True):
+        t[~action_mask] = bad
+    loss, grad = _fused_and_grad(*dirty, action_mask, clip_eps=0.2, mode="token-sum")
+    clean_loss, clean_grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode="token-sum")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert torch.equal(loss, clean_loss) and torch.equal(grad, clean_grad)
+    assert (grad[~action_mask] == 0).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["token-sum", "seq-mean-token-mean"])
+def test_empty_mask_gives_zero_not_nan(mode):
+    """An all-False mask gives loss 0 and gradient 0; empty rows contribute nothing in sequence modes."""
+    values, old_values, returns, _ = _inputs((41, 401))
+    empty = torch.zeros_like(values, dtype=torch.bool)
+    loss, grad = _fused_and_grad(values, old_values, returns, empty, clip_eps=0.2, mode=mode)
+    assert loss.item() == 0.0 and not grad.any()
+    half = empty.clone()
+    half[:20] = True
+    loss, grad = _fused_and_grad(values, old_values, returns, half, clip_eps=0.2, mode=mode)
+    ref_loss, ref_grad = _reference(values, old_values, returns, half, clip_eps=0.2, variant="max",
+                                    loss_type="squared", huber_delta=1.0, mode=mode)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+    assert not grad[20:].any()
+
+
+@needs_compiler
+def test_new_shapes_do_not_recompile():
+    """Once a configuration is compiled for a large input, other (B, T) shapes reuse the kernel (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    _fused_and_grad(*_inputs((41, 401)), clip_eps=0.2, mode="token-sum")
+    before = counters["stats"]["unique_graphs"]
+    for shape in [(37, 409), (64, 1000), (3, 5, 777)]:
+        _fused_and_grad(*_inputs(shape), clip_eps=0.2, mode="token-sum")
+    assert counters["stats"]["unique_graphs"] == before
+
+
+@needs_compiler
+def test_forward_never_reads_tensor_values_on_host(monkeypatch):
+    """No host synchronisation in forward: reading any tensor's value on the host raises during the call."""
+    values, old_values, returns, action_mask = _inputs((41, 401))
+    counts = dict(dp_size=2, batch_num_tokens=torch.tensor(9000.0), global_batch_size=torch.tensor(80.0))
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode, **counts)  # warm up
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    leaf = values.clone().requires_grad_(True)
+    losses = [fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2, mode=mode, **counts)
+              for mode in ("token-mean", "seq-mean-token-mean")]
+    monkeypatch.undo()
+    for mode, loss in zip(("token-mean", "seq-mean-token-mean"), losses, strict=True):  # and the global counts count
+        ref_loss, _ = _reference(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode, **counts)
+        torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-6, atol=0)
+
+
+@needs_compiler
+def test_backward_scales_by_grad_output_and_supports_retain_graph():
+    """backward multiplies by grad_output; retain_graph=True lets it run twice with the same result."""
+    values, old_values, returns, action_mask = _inputs((41, 401))
+    leaf = values.clone().requires_grad_(True)
+    loss = fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2, mode="token-sum")
+    (3.0 * loss).backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    _, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode="token-sum")
+    torch.testing.assert_close(first, 3.0 * eager_grad)
+    torch.testing.assert_close(leaf.grad, 4.0 * eager_grad)
+
+
+@needs_compiler
+def test_double_backward_is_refused_clearly():
+    """A second-order gradient through the fused loss raises instead of returning a wrong zero."""
+    values, old_values, returns, action_mask = _inputs((41, 401))
+    leaf = values.clone().requires_grad_(True)
+    loss = fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2, mode="token-sum")
+    with pytest.raises(RuntimeError, match="create_graph=True is not supported"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def test_other_inputs_requiring_grad_are_refused():
+    """The fused path differentiates values only and says so when returns needs a gradient."""
+    values, old_values, returns, action_mask = _inputs((3, 5))
+    with pytest.raises(ValueError, match="returns with requires_grad=True"):
+        fused_value_loss(values.requires_grad_(), old_values, returns.requires_grad_(), action_mask, clip_eps=0.2)
+
+
+def test_bad_arguments_are_validated_like_the_eager_path():
+    """Shape mismatches and bad settings raise the eager path's errors, naming the argument."""
+    values, old_values, returns, action_mask = _inputs((3, 5))
+    with pytest.raises(ValueError, match="values and returns must have the same shape"):
+        fused_value_loss(values, old_values, returns[:, :4], action_mask, clip_eps=0.2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fused_value_loss(values, old_values, returns, action_mask, clip_eps=0.2, mode="mean")
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        fused_value_loss(values, old_values, returns, action_mask, clip_eps=0.2, dp_size=2)
+
+
+# --------------------------------------------------------------------------- fallback when compilation fails
+
+
+def test_compile_failure_falls_back_with_one_warning(fresh_state, monkeypatch):
+    """When compilation fails, the eager closed form runs (same results) and one RuntimeWarning is shown."""
+
+    def broken_compile(fn):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(fused, "_COMPILE", broken_compile)
+    values, old_values, returns, action_mask = _inputs((6, 50), mask="float")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [
+            _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode) for mode in MODES
+        ]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "InvalidCxxCompiler" in messages[0]
+    assert not fused.compile_available("cpu")
+    for mode, (loss, grad) in zip(MODES, results, strict=True):
+        eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, eager_grad)
+
+
+_NO_COMPILER_SCRIPT = """
+import warnings, torch
+from valueloss import ValueLoss, fused, functional as F
+values = torch.randn(8, 700, requires_grad=True)
+old_values, returns, mask = torch.randn(8, 700), torch.randn(8, 700), torch.rand(8, 700) > 0.3
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        values.grad = None
+        fused.fused_value_loss(values, old_values, returns, mask, clip_eps=0.2).backward()
+grad = values.grad.clone()
+values.grad = None
+F.value_loss(values, old_values, returns, mask, clip_eps=0.2).backward()
+print("available", fused.compile_available(), "auto", fused.use_fused("auto", values.expand(100, 8, 700)))
+print("warnings", sum(issubclass(w.category, RuntimeWarning) for w in caught))
+print("message", [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][0][:80])
+print("equal", torch.allclose(grad, values.grad, rtol=1e-6, atol=0))
+"""
+
+
+def test_without_a_cpp_compiler_falls_back_in_a_fresh_process():
+    """With CXX pointing nowhere (and no compiled cache), the real inductor error leads to the eager fallback."""
+    env = dict(os.environ, CXX="/nonexistent/g++", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    proc = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["available"] == "False auto False"
+    assert lines["warnings"] == "1" and "torch.compile is unavailable" in lines["message"]
+    assert lines["equal"] == "True"
+
+
+def test_reset_forgets_a_failure(fresh_state, monkeypatch):
+    """reset() clears a remembered compilation failure and the compiled kernels."""
+    monkeypatch.setattr(fused, "_COMPILE_ERROR", "RuntimeError: simulated")
+    monkeypatch.setattr(fused, "_KERNELS", {"key": None})
+    assert not fused.compile_available("cpu")
+    fused.reset()
+    assert fused._COMPILE_ERROR is None and fused._KERNELS == {}
+
+
+# --------------------------------------------------------------------------- ValueLoss(fused=...)
+
+
+def test_valueloss_fused_true_equals_fused_false(uncompiled):
+    """ValueLoss(fused=True) and ValueLoss(fused=False) give the same loss and gradient in every mode."""
+    values, old_values, returns, action_mask = _inputs((4, 3, 20))
+    for mode, variant in itertools.product(MODES, ("max", "clipped")):
+        results = []
+        for setting in (True, False):
+            leaf = values.clone().requires_grad_(True)
+            loss_fn = ValueLoss(0.2, loss_agg_mode=mode, variant=variant, fused=setting)
+            loss = loss_fn(leaf, old_values, returns, action_mask)
+            loss.backward()
+            results.append((loss.detach(), leaf.grad))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_valueloss_auto_stays_eager_for_small_inputs(fresh_state, monkeypatch):
+    """fused='auto' (the default) never compiles for inputs below AUTO_MIN_NUMEL, nor when grads are off."""
+
+    def no_compile(fn):
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(fused, "_COMPILE", no_compile)
+    loss_fn = ValueLoss(0.2)
+    assert loss_fn.fused == "auto"
+    values, old_values, returns, action_mask = _inputs((8, 128))
+    leaf = values.clone().requires_grad_(True)
+    loss_fn(leaf, old_values, returns, action_mask).backward()
+    assert fused._KERNELS == {} and leaf.grad is not None
+    big = _inputs((fused.AUTO_MIN_NUMEL // 64, 64))
+    with torch.no_grad():
+        loss_fn(*big)
+    assert fused._KERNELS == {}
+
+
+def test_valueloss_auto_uses_fused_for_large_inputs(uncompiled, monkeypatch):
+    """fused='auto' takes the fused path from AUTO_MIN_NUMEL tokens on, unless another input needs a gradient."""
+    monkeypatch.setattr(fused, "AUTO_MIN_NUMEL", 100)
+    values, old_values, returns, action_mask = _inputs((4, 30))
+    loss = ValueLoss(0.2)(values.clone().requires_grad_(True), old_values, returns, action_mask)
+    assert type(loss.grad_fn).__name__ == "FusedValueLossBackward"
+    loss = ValueLoss(0.2)(values.clone().requires_grad_(True), old_values, returns.clone().requires_grad_(True))
+    assert type(loss.grad_fn).__name__ != "FusedValueLossBackward"
+    loss = ValueLoss(0.2)(values.clone().requires_grad_(True)[:, :20], old_values[:, :20], returns[:, :20])
+    assert type(loss.grad_fn).__name__ != "FusedValueLossBackward"
+
+
+def test_valueloss_rejects_bad_fused_setting():
+    """fused must be True, False or 'auto'; anything else raises naming the argument."""
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
+            ValueLoss(0.2, fused=bad)
+    assert "fused=False" in repr(ValueLoss(0.2, fused=False))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_eager():
+    """On CUDA (Triton kernel) the fused loss and gradient equal the eager path's."""
+    values, old_values, returns, action_mask = (t.cuda() for t in _inputs((41, 401)))
+    loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
+    eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, eager_grad)
