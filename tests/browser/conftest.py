@@ -171,7 +171,11 @@ class Server:
         """Start the process and wait until ``ready_path`` answers 200 (with the token)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                self.argv,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
                 start_new_session=True,
             )
         deadline = time.monotonic() + SERVER_START_TIMEOUT
@@ -254,11 +258,19 @@ def jupyterlab_server(served_root, tmp_path_factory):
         path.write_text(json.dumps(values))
     port, token = free_port(), secrets.token_hex(16)
     argv = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={served_root}",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={served_root}",
         "--ServerApp.terminals_enabled=False",
-        f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={home / 'workspaces'}",
         "--LabApp.extension_manager=readonly",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     ]
@@ -276,9 +288,17 @@ def voila_server(served_root, tmp_path_factory):
     home = tmp_path_factory.mktemp("voila-home")
     port, token = free_port(), secrets.token_hex(16)
     argv = [
-        sys.executable, "-m", "voila", str(served_root), "--no-browser",
-        "--Voila.ip=127.0.0.1", f"--port={port}", f"--Voila.token={token}",
-        "--strip_sources=True", "--show_tracebacks=True", "--theme=light",
+        sys.executable,
+        "-m",
+        "voila",
+        str(served_root),
+        "--no-browser",
+        "--Voila.ip=127.0.0.1",
+        f"--port={port}",
+        f"--Voila.token={token}",
+        "--strip_sources=True",
+        "--show_tracebacks=True",
+        "--theme=light",
     ]
     server = Server("Voilà", argv, served_root, port, token, home / "server.log", _server_env(home))
     _start(server, "/")
@@ -298,8 +318,12 @@ def browser_context(tmp_path_factory):
     playwright = sync_playwright().start()
     try:
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000}, device_scale_factor=1,
+            str(profile),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+            device_scale_factor=1,
         )
         context.set_default_timeout(60_000)
         try:
