@@ -1,0 +1,200 @@
+"""valueloss.widgets: moving each control in code changes what the figure shows, correctly."""
+
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from valueloss import widgets  # noqa: E402
+
+
+def ref_losses(v, old, ret, eps):
+    """(unclipped, max) per-token squared losses, plain numpy."""
+    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
+    v_clip = old + np.clip(v - old, -eps, eps)
+    return (v - ret) ** 2, np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+
+
+def ref_grad(v, old, ret, eps):
+    """d max-loss / dv with a closed band and ties halved, plain numpy."""
+    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
+    v_clip = old + np.clip(v - old, -eps, eps)
+    lu, lc = (v - ret) ** 2, (v_clip - ret) ** 2
+    gu = 2 * (v - ret)
+    gc = np.where(np.abs(v - old) <= eps, 2 * (v_clip - ret), 0.0)
+    return np.where(lu > lc, gu, np.where(lc > lu, gc, 0.5 * (gu + gc)))
+
+
+def ref_regions(v, old, ret, eps):
+    """Region codes: 0 inside, 1 clipped branch strictly larger outside, 2 otherwise."""
+    lu, lmax = ref_losses(v, old, ret, eps)
+    outside = np.abs(np.asarray(v, float) - old) > eps
+    return np.where(outside, np.where(lmax > lu, 1, 2), 0)
+
+
+def pixels(explorer):
+    """A copy of the canvas pixels as they are now."""
+    return np.asarray(explorer.figure.canvas.buffer_rgba()).copy()
+
+
+@pytest.fixture
+def loss_explorer():
+    explorer = widgets.LossCurveExplorer(backend="agg", num=201)
+    yield explorer
+    explorer.close()
+
+
+def test_loss_curve_explorer_controls(loss_explorer):
+    """The 1D explorer exposes FloatSliders named clip_eps, old_value and return (the browser test finds clip_eps)."""
+    assert list(loss_explorer.controls) == ["clip_eps", "old_value", "return"]
+    for name, control in loss_explorer.controls.items():
+        assert isinstance(control, ipywidgets.FloatSlider) and control.description == name
+    assert loss_explorer.backend == "agg"  # outside a kernel, "auto" would pick agg as well
+    assert isinstance(loss_explorer.widget, ipywidgets.VBox)
+
+
+@pytest.mark.parametrize("name, value", [("clip_eps", 0.55), ("old_value", -0.8), ("return", 1.4)])
+def test_loss_curve_explorer_each_control_moves_the_curves(loss_explorer, name, value):
+    """Setting one slider in code redraws loss, gradient, band and markers at the new settings."""
+    before = pixels(loss_explorer)
+    loss_explorer.controls[name].value = value
+    p = loss_explorer.params
+    eps, old, ret = p["clip_eps"], p["old_value"], p["return"]
+    assert p[name] == value
+    art = loss_explorer.artists
+    x = art["loss"].get_xdata()
+    np.testing.assert_allclose(x, np.linspace(-2.5, 2.5, 201), atol=1e-12)
+    lu, lmax = ref_losses(x, old, ret, eps)
+    np.testing.assert_allclose(art["loss"].get_ydata(), lmax, atol=1e-12)
+    np.testing.assert_allclose(art["unclipped"].get_ydata(), lu, atol=1e-12)
+    np.testing.assert_allclose(art["grad"].get_ydata(), ref_grad(x, old, ret, eps), atol=1e-12)
+    assert (art["band"].get_x(), art["band"].get_width()) == pytest.approx((old - eps, 2 * eps))
+    assert art["old_value"].get_xdata()[0] == pytest.approx(old)
+    assert art["return"].get_xdata()[0] == pytest.approx(ret)
+    assert art["grad_return"].get_xdata()[0] == pytest.approx(ret)
+    shown = " ".join(text.get_text() for text in loss_explorer.figure.texts)
+    assert f"clip_eps = {eps:.2f}, old_value = {old:.2f}, return = {ret:.2f}" in shown
+    assert not np.array_equal(before, pixels(loss_explorer)), "the canvas pixels did not change"
+
+
+def test_blitted_frame_equals_a_full_redraw(loss_explorer):
+    """The fast path (cached background + changed artists) paints what a full redraw paints."""
+    loss_explorer.controls["clip_eps"].value = 0.45
+    loss_explorer.controls["return"].value = -0.6
+    fast = pixels(loss_explorer)
+    loss_explorer.figure.canvas.draw()  # a plain full Agg draw of the same figure
+    full = pixels(loss_explorer)
+    differing = np.any(fast != full, axis=-1).mean()
+    assert differing < 0.01, f"{differing:.2%} of the pixels differ"
+
+
+def test_surface_explorer_controls_update_images():
+    """clip_eps and extent move the three 256x256 images (data, extent) to the new settings."""
+    explorer = widgets.SurfaceExplorer(backend="agg")
+    try:
+        assert explorer.artists["clipped"].get_array().shape == (256, 256)
+        for name, value in (("clip_eps", 0.5), ("extent", 2.0)):
+            before = pixels(explorer)
+            explorer.controls[name].value = value
+            eps, extent = explorer.params["clip_eps"], explorer.params["extent"]
+            offsets = np.linspace(-extent, extent, 256)
+            dv, dr = np.meshgrid(offsets, offsets)
+            lu, lmax = ref_losses(dv, 0.0, dr, eps)
+            art = explorer.artists
+            np.testing.assert_allclose(np.asarray(art["unclipped"].get_array()), lu, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(art["clipped"].get_array()), lmax, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(art["difference"].get_array()), lmax - lu, atol=1e-12)
+            assert art["clipped"].get_extent() == pytest.approx([-extent, extent, -extent, extent])
+            assert art["clipped_band_high"].get_xdata()[0] == pytest.approx(eps)
+            # unclipped and clipped panels share one colour scale
+            assert art["unclipped"].get_clim() == art["clipped"].get_clim()
+            shown = " ".join(text.get_text() for text in explorer.figure.texts)
+            assert f"clip_eps = {eps:.2f}, extent = {extent:.2f}" in shown
+            assert not np.array_equal(before, pixels(explorer))
+    finally:
+        explorer.close()
+
+
+def test_gradient_explorer_controls_update_map_field_and_slice():
+    """clip_eps, extent and return move the region map, the arrows, the slice line and the slice gradient."""
+    explorer = widgets.GradientExplorer(backend="agg", num=64, arrows=9)
+    try:
+        for name, value in (("clip_eps", 0.4), ("return", -0.7), ("extent", 1.5)):
+            before = pixels(explorer)
+            explorer.controls[name].value = value
+            p = explorer.params
+            eps, ret, extent = p["clip_eps"], p["return"], p["extent"]
+            art = explorer.artists
+            offsets = np.linspace(-extent, extent, 64)
+            dv, dr = np.meshgrid(offsets, offsets)
+            np.testing.assert_array_equal(np.asarray(art["regions"].get_array()), ref_regions(dv, 0.0, dr, eps))
+            coarse = np.linspace(-extent, extent, 9)
+            cv, cr = np.meshgrid(coarse, coarse)
+            np.testing.assert_allclose(np.asarray(art["field"].U).reshape(9, 9), -ref_grad(cv, 0.0, cr, eps),
+                                       atol=1e-12)
+            assert art["slice"].get_ydata()[0] == pytest.approx(ret)
+            x = art["grad"].get_xdata()
+            assert (x[0], x[-1]) == pytest.approx((-extent, extent))
+            np.testing.assert_allclose(art["grad"].get_ydata(), ref_grad(x, 0.0, ret, eps), atol=1e-12)
+            assert not np.array_equal(before, pixels(explorer))
+    finally:
+        explorer.close()
+
+
+def test_image_fallback_rerenders_png():
+    """backend='image' shows a note and re-renders the PNG of the Image widget on each change."""
+    explorer = widgets.LossCurveExplorer(backend="image", num=101)
+    try:
+        png = bytes(explorer.image.value)
+        assert png.startswith(b"\x89PNG")
+        explorer.controls["clip_eps"].value = 0.7
+        assert bytes(explorer.image.value) != png
+        assert "Static view" in explorer.widget.children[1].children[0].value
+    finally:
+        explorer.close()
+
+
+def test_ipympl_backend_builds_a_canvas_widget_and_updates():
+    """backend='ipympl' puts an ipympl Canvas in the box; moving a slider still updates the artist data."""
+    pytest.importorskip("ipympl")
+    explorer = widgets.LossCurveExplorer(backend="ipympl", num=101)
+    try:
+        from ipympl.backend_nbagg import Canvas
+
+        assert isinstance(explorer.canvas, Canvas) and explorer.canvas in explorer.widget.children
+        explorer.controls["old_value"].value = 0.9
+        assert explorer.artists["old_value"].get_xdata()[0] == pytest.approx(0.9)
+    finally:
+        explorer.close()
+
+
+def test_ipympl_explorer_leaves_the_pyplot_backend_alone():
+    """Building an ipympl explorer does not switch pyplot's backend (ipympl's import would)."""
+    code = (
+        "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt\n"
+        "from valueloss import widgets\n"
+        "e = widgets.LossCurveExplorer(backend='ipympl')\n"
+        "assert matplotlib.get_backend().lower() == 'agg', matplotlib.get_backend()\n"
+        "assert type(e.canvas).__name__ == 'Canvas'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_backend_is_rejected():
+    """An unknown backend name raises ValueError listing the choices."""
+    with pytest.raises(ValueError, match="backend must be one of"):
+        widgets.LossCurveExplorer(backend="qt")
+
+
+def test_factories_return_explorers():
+    """The one-call factories build the matching explorer with the given settings."""
+    explorer = widgets.loss_curve_explorer(clip_eps=0.3, backend="agg")
+    assert isinstance(explorer, widgets.LossCurveExplorer) and explorer.params["clip_eps"] == 0.3
+    assert isinstance(widgets.surface_explorer(backend="agg", num=16), widgets.SurfaceExplorer)
+    assert isinstance(widgets.gradient_explorer(backend="agg", num=16), widgets.GradientExplorer)
