@@ -322,7 +322,7 @@ def browser_context(tmp_path_factory):
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
+            viewport={"width": 1920, "height": 1080},
             device_scale_factor=1,
         )
         context.set_default_timeout(60_000)
@@ -420,7 +420,8 @@ class WidgetDriver:
         """The ipywidgets slider whose label reads ``description`` (exactly) inside ``scope``."""
         import re
 
-        label = scope.locator(".widget-label").filter(has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
+        page = getattr(scope, "page", scope)  # 'has' locators are relative: build them from the page
+        label = page.locator(".widget-label").filter(has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
         return scope.locator(".widget-slider").filter(has=label)
 
     @staticmethod
@@ -496,6 +497,12 @@ def widgets(page) -> WidgetDriver:
     return WidgetDriver(page)
 
 
+@pytest.fixture(scope="session")
+def widget_driver():
+    """The WidgetDriver class, for tabs that live longer than one test."""
+    return WidgetDriver
+
+
 def record_latency(what: str, samples: list[float]) -> float:
     """Keep the median latency for the terminal summary; return it."""
     import statistics
@@ -506,7 +513,7 @@ def record_latency(what: str, samples: list[float]) -> float:
     return median
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def latency_log():
     """``record(what, samples_ms)``: report slider latencies in the terminal summary (not asserted)."""
     return record_latency
@@ -520,7 +527,7 @@ def save_artifact(name: str, data: bytes) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def artifacts():
     """``save(name, bytes)`` into test-artifacts/browser/."""
     return save_artifact
