@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: all lab app test lint venv clean browser
+.PHONY: all lab app test lint venv clean browser screenshot
 
 all: test
 
@@ -59,6 +59,11 @@ app: $(STAMP)
 	@echo "valueloss explorer: http://$(HOST):$(APP_PORT)/  (Ctrl-C stops it)"
 	$(BIN)/voila notebooks/explorer.ipynb --no-browser --Voila.ip=$(HOST) --port=$(APP_PORT) \
 	  --strip_sources=True --theme=light
+
+# The README's picture of the app, taken by the Voilà browser test.
+screenshot: $(STAMP) browser
+	VALUELOSS_CHROMIUM=$(CHROMIUM) VALUELOSS_APP_SCREENSHOT=docs/images/explorer_app.png \
+	$(BIN)/python -m pytest -q tests/browser/test_voila_app.py -k every_control
 
 test: $(STAMP) browser
 	VALUELOSS_CHROMIUM=$(CHROMIUM) \

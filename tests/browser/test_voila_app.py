@@ -84,10 +84,32 @@ def test_every_control_and_figure_renders(app, artifacts):
     assert errors.count() == 0, errors.all_inner_texts()
     assert page.get_by_text("Error displaying widget").count() == 0
     assert page.page_errors == []
-    shot = page.screenshot(full_page=True)
-    artifacts("voila-app.png", shot)
+    artifacts("voila-app.png", app_screenshot(page, ui))
     if os.environ.get("VALUELOSS_APP_SCREENSHOT"):
-        Path(os.environ["VALUELOSS_APP_SCREENSHOT"]).write_bytes(shot)
+        readme_image(artifacts("voila-app.png", app_screenshot(page, ui)), Path(os.environ["VALUELOSS_APP_SCREENSHOT"]))
+
+
+def app_screenshot(page, ui) -> bytes:
+    """The whole app, top to bottom (the viewport is made tall enough for one shot, then restored)."""
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": 2200})
+    try:
+        page.mouse.move(0, 0)
+        for panel in PANELS:
+            ui.wait_until_stable(figure(page, panel))
+        return page.locator(".valueloss-dashboard").screenshot()
+    finally:
+        page.set_viewport_size(size)
+
+
+def readme_image(source: Path, target: Path, width: int = 1280) -> None:
+    """Downscale the app screenshot for the README."""
+    from PIL import Image
+
+    image = Image.open(source)
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.convert("RGB").save(target, optimize=True)
 
 
 @pytest.mark.parametrize("name", list(DRIVES))
