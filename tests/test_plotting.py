@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from valueloss import plotting  # noqa: E402
@@ -265,3 +267,21 @@ def test_import_does_not_touch_pyplot():
         "assert snapshot() == before, 'rcParams changed'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    old=st.floats(-3, 3), ret=st.floats(-3, 3), eps=st.floats(0, 2), num=st.sampled_from([2, 7, 41]),
+)
+def test_curve_data_matches_reference_for_any_setting(old, ret, eps, num):
+    """loss_curve_data and gradient_curve_data agree with the numpy reference for any old value, return, eps, grid."""
+    loss = plotting.loss_curve_data(old_value=old, return_=ret, clip_eps=eps, num=num)
+    grad = plotting.gradient_curve_data(old_value=old, return_=ret, clip_eps=eps, num=num)
+    x = loss["values"]
+    lu, lc, lmax = ref_branches(x, old, ret, eps)
+    np.testing.assert_allclose(loss["loss_unclipped"], lu, atol=1e-12)
+    np.testing.assert_allclose(loss["loss_clipped"], lc, atol=1e-12)
+    np.testing.assert_allclose(loss["loss"], lmax, atol=1e-12)
+    np.testing.assert_array_equal(loss["regions"], ref_regions(x, old, ret, eps))
+    np.testing.assert_allclose(grad["grad"], ref_grad(x, old, ret, eps), atol=1e-12)
+    assert x[0] < min(old - eps, ret) and x[-1] > max(old + eps, ret)  # the default range shows band and return

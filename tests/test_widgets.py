@@ -38,6 +38,11 @@ def ref_regions(v, old, ret, eps):
     return np.where(outside, np.where(lmax > lu, 1, 2), 0)
 
 
+def controls_description(explorer):
+    """The descriptions of the explorer's sliders, in order."""
+    return [control.description for control in explorer.controls.values()]
+
+
 def pixels(explorer):
     """A copy of the canvas pixels as they are now."""
     return np.asarray(explorer.figure.canvas.buffer_rgba()).copy()
@@ -168,8 +173,12 @@ def test_ipympl_backend_builds_a_canvas_widget_and_updates():
         from ipympl.backend_nbagg import Canvas
 
         assert isinstance(explorer.canvas, Canvas) and explorer.canvas in explorer.widget.children
+        sent = []
+        explorer.canvas.send_binary = sent.append  # what ipympl would push to the browser
         explorer.controls["old_value"].value = 0.9
         assert explorer.artists["old_value"].get_xdata()[0] == pytest.approx(0.9)
+        assert len(sent) == 1, "a slider change should push exactly one new picture to the browser"
+        assert controls_description(explorer) == ["clip_eps", "old_value", "return"]
     finally:
         explorer.close()
 

@@ -10,9 +10,13 @@ Three explorers, each one call in a notebook cell (the last expression displays 
 
 Public API (stable):
 
-* ``LossCurveExplorer``, ``SurfaceExplorer``, ``GradientExplorer`` (and the factory functions
-  ``loss_curve_explorer``, ``surface_explorer``, ``gradient_explorer`` that take the same keyword
-  arguments) share the base class :class:`Explorer`, which has
+* ``LossCurveExplorer(clip_eps=0.2, old_value=0.0, return_=1.0, *, variant, loss_type, huber_delta,
+  value_range=(-2.5, 2.5), num=401, backend="auto")``,
+  ``SurfaceExplorer(clip_eps=0.2, extent=1.0, *, num=256, variant, loss_type, huber_delta, backend)``,
+  ``GradientExplorer(clip_eps=0.2, return_=0.6, extent=1.0, *, num=256, arrows=15, variant, loss_type,
+  huber_delta, backend)`` (and the factory functions ``loss_curve_explorer``, ``surface_explorer``,
+  ``gradient_explorer`` that take the same keyword arguments) share the base class :class:`Explorer`,
+  which has
 
   - ``controls``: dict of name -> ipywidgets control. Names: ``"clip_eps"`` (FloatSlider,
     description ``"clip_eps"``), ``"old_value"``, ``"return"`` (the return for the 1D explorer;
@@ -34,8 +38,10 @@ Public API (stable):
 
 The explorers do no math: every number comes from :mod:`valueloss.plotting` (which gets it from
 :mod:`valueloss.functional`). Each figure is built once; a control change moves the existing artists
-(``set_data``/``set_array``/``set_UVC``) and redraws. The layout is computed once (constrained
-layout on the first draw, then frozen), which keeps a redraw to a few tens of milliseconds.
+(``set_data``/``set_array``/``set_UVC``) and repaints only those artists onto a cached background
+(blitting; the background is re-rendered when axis or colour limits change). The layout is computed
+once (constrained layout on the first draw, then frozen). A change costs a few tens of milliseconds;
+``benchmarks/bench_widgets.py`` measures it.
 """
 
 from __future__ import annotations
