@@ -417,12 +417,12 @@ class WidgetDriver:
 
     @staticmethod
     def slider(scope, description: str):
-        """The ipywidgets slider whose label reads ``description`` (exactly) inside ``scope``."""
+        """The visible ipywidgets slider whose label reads ``description`` (exactly) inside ``scope``."""
         import re
 
         page = getattr(scope, "page", scope)  # 'has' locators are relative: build them from the page
         label = page.locator(".widget-label").filter(has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
-        return scope.locator(".widget-slider").filter(has=label)
+        return scope.locator(".widget-slider").filter(has=label, visible=True)
 
     @staticmethod
     def readout(slider) -> str:
@@ -536,7 +536,8 @@ def artifacts():
 # --- JupyterLab -----------------------------------------------------------------------------------------
 _ALL_CELLS_RAN = """
 () => {
-  const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')]
+  const panel = '.jp-NotebookPanel:not(.lm-mod-hidden)';
+  const prompts = [...document.querySelectorAll(`${panel} .jp-CodeCell .jp-InputArea-prompt`)]
     .map(p => p.textContent.trim());
   if (prompts.length === 0 || prompts.some(p => p.includes('*'))) return false;
   const errored = document.querySelector('.jp-Notebook [data-mime-type="application/vnd.jupyter.error"],'
@@ -553,8 +554,8 @@ class JupyterLabDriver:
         self.page, self.server = page, server
 
     def open(self, name: str) -> None:
-        """Open ``name`` and wait until its kernel is idle."""
-        self.page.goto(self.server.url(f"/lab/tree/{name}"))
+        """Open ``name`` alone (fresh workspace) and wait until its kernel is idle."""
+        self.page.goto(self.server.url(f"/lab/tree/{name}?reset"))  # reset: no tabs left from earlier tests
         self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
         self.page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=90_000)
 
