@@ -59,10 +59,7 @@ def test_explorer_redraws_in_jupyterlab(notebook, lab, page, widgets, served_roo
     assert box["width"] > 400 and box["height"] > 250, f"explorer figure not drawn: {box}"
     shot_before = artifacts(f"jupyterlab-{stem}-before.png", explorer.screenshot())
 
-    shown = widgets.readout(slider)
-    widgets.press(slider, widgets.step_key(slider))
-    assert widgets.readout(slider) != shown, "the clip_eps slider did not move"
-    assert widgets.wait_for_change(figure, before, timeout=30), "moving clip_eps did not redraw the figure"
+    assert widgets.step_and_wait(slider, [figure], [before]), "moving clip_eps did not redraw the figure"
     widgets.wait_until_stable(figure)
     shot_after = artifacts(f"jupyterlab-{stem}-after.png", explorer.screenshot())
     assert widgets.changed_pixels(shot_before.read_bytes(), shot_after.read_bytes()) > 0
