@@ -36,9 +36,9 @@ def widgets_send_broken_canvas() -> bool:
 
 @pytest.fixture(autouse=True)
 def _known_widgets_bug(request):
-    """For notebook 01, expect failure (strictly) only while valueloss.widgets shows the ipympl bug."""
+    """For notebook 01, expect failure only while valueloss.widgets shows the ipympl bug (then it usually fails)."""
     if request.node.callspec.params["notebook"].startswith("01_") and widgets_send_broken_canvas():
-        request.applymarker(pytest.mark.xfail(reason=WIDGETS_BUG, strict=True))
+        request.applymarker(pytest.mark.xfail(reason=WIDGETS_BUG, strict=False))  # a race: XPASS happens
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
