@@ -1,6 +1,7 @@
 # The two commands of the README do all of their own set-up on a fresh machine with python3:
 #   make lab    JupyterLab on notebooks/
-#   make test   the whole test suite (unit tests, doctests, every notebook under nbval)
+#   make test   the whole test suite (unit tests, doctests, every notebook under nbval, browser tests)
+#   make app    the Voila dashboard of the explorers (no code shown) on http://127.0.0.1:8866
 # Everything is installed into .venv with the pinned versions of constraints.txt.
 
 PYTHON ?= python3
@@ -9,11 +10,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8888
+APP_PORT ?= 8866
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+CHROMIUM ?= /usr/bin/chromium
 PYTEST_ARGS ?=
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: all lab test lint venv clean
+.PHONY: all lab app test lint venv clean browser screenshot
 
 all: test
 
@@ -37,7 +41,34 @@ ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=$(HOST) --ServerApp.port=$(PORT) --no-browser $(ROOT_FLAG)
 
-test: $(STAMP)
+# Installs Debian's chromium for tests/browser when absent (root + apt-get only); never fails:
+# without a browser the browser tests skip and say how to enable them.
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "browser tests: installing Debian's chromium (apt-get install -y chromium)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q -o DPkg::Lock::Timeout=300 chromium >/dev/null \
+	  || { apt-get update -q -o DPkg::Lock::Timeout=300 >/dev/null \
+	       && apt-get install -y -q -o DPkg::Lock::Timeout=300 chromium >/dev/null; } \
+	  || echo "browser tests: could not install chromium; they will be skipped" >&2; \
+	else \
+	  echo "browser tests: $(CHROMIUM) not found and not root with apt-get; they will be skipped" \
+	       "(enable with: sudo apt-get install -y chromium, or CHROMIUM=/path/to/chromium make test)" >&2; \
+	fi
+
+app: $(STAMP)
+	@echo "valueloss explorer: http://$(HOST):$(APP_PORT)/  (Ctrl-C stops it)"
+	$(BIN)/voila notebooks/explorer.ipynb --no-browser --Voila.ip=$(HOST) --port=$(APP_PORT) \
+	  --strip_sources=True --theme=light
+
+# The README's picture of the app, taken by the Voilà browser test.
+screenshot: $(STAMP) browser
+	VALUELOSS_CHROMIUM=$(CHROMIUM) VALUELOSS_APP_SCREENSHOT=docs/images/explorer_app.png \
+	$(BIN)/python -m pytest -q tests/browser/test_voila_app.py -k every_control
+
+test: $(STAMP) browser
+	VALUELOSS_CHROMIUM=$(CHROMIUM) \
 	$(BIN)/python -m pytest -q --timeout=900 $(NBVAL_FLAGS) tests valueloss notebooks $(PYTEST_ARGS)
 
 lint: $(STAMP)

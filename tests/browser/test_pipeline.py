@@ -1,0 +1,68 @@
+"""Self-test of the browser harness on a tiny ipywidgets + ipympl notebook written here.
+
+Independent of valueloss: if these fail, the browser, the servers or the widget front-ends are broken,
+not the explorers. A slider with a callback must change the figure's pixels; a slider without one must
+not (the negative control proves the harness can tell the difference).
+"""
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+NOTEBOOK = "harness_selftest.ipynb"
+CELLS = [
+    "%matplotlib widget\nimport ipywidgets as widgets\nimport matplotlib.pyplot as plt\nimport numpy as np",
+    # 'slope' redraws the line; 'inert' is connected to nothing.
+    """x = np.linspace(0, 1, 50)
+with plt.ioff():
+    fig, ax = plt.subplots(figsize=(4, 3))
+(line,) = ax.plot(x, x)
+ax.set_ylim(0, 3)
+slope = widgets.FloatSlider(value=1.0, min=0.5, max=3.0, step=0.25, description="slope")
+inert = widgets.FloatSlider(value=1.0, min=0.5, max=3.0, step=0.25, description="inert")
+slope.observe(lambda change: (line.set_ydata(change["new"] * x), fig.canvas.draw_idle()), names="value")
+widgets.VBox([slope, inert, fig.canvas])""",
+]
+
+
+@pytest.fixture(scope="module")
+def selftest_notebook(served_root):
+    """Write the throwaway notebook into the servers' root; return its name."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, served_root / NOTEBOOK)
+    return NOTEBOOK
+
+
+def check_slider_moves_figure(page, widgets, timeout=20.0):
+    """Pressing a key on 'slope' changes readout and pixels; on 'inert' it changes the readout only."""
+    figure = page.locator(".jupyter-matplotlib-canvas-div").first
+    figure.wait_for(state="visible", timeout=90_000)
+    slope, inert = widgets.slider(page, "slope"), widgets.slider(page, "inert")
+    before = widgets.wait_until_stable(figure)
+
+    widgets.press(inert, "ArrowRight")
+    assert widgets.readout(inert) == "1.25"
+    assert not widgets.wait_for_change(figure, before, timeout=2.0), "figure changed without a callback"
+
+    widgets.press(slope, "ArrowRight")
+    assert widgets.readout(slope) == "1.25"
+    assert widgets.wait_for_change(figure, before, timeout=timeout), "slider callback did not redraw the figure"
+
+
+def test_jupyterlab_slider_redraws_ipympl_figure(lab, page, widgets, selftest_notebook):
+    """In JupyterLab a keyboard step on a slider redraws the ipympl canvas, and only through its callback."""
+    lab.open(selftest_notebook)
+    lab.run_all()
+    assert lab.error_texts() == []
+    check_slider_moves_figure(page, widgets)
+
+
+def test_voila_slider_redraws_ipympl_figure(voila_server, page, widgets, selftest_notebook):
+    """In Voilà (sources stripped) a keyboard step on a slider redraws the ipympl canvas."""
+    page.goto(voila_server.url(f"/voila/render/{selftest_notebook}"))
+    check_slider_moves_figure(page, widgets)
+    assert page.locator(".jp-InputArea").count() == 0, "Voilà shows code although sources are stripped"

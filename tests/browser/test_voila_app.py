@@ -1,0 +1,146 @@
+"""The Voilà app (notebooks/explorer.ipynb, served as by ``make app``) in Chromium.
+
+Every shared control and figure renders; each slider, moved with the keyboard, redraws exactly the
+figures it drives; the slider -> figure latency is measured and reported (not asserted).
+Set VALUELOSS_APP_SCREENSHOT=path (``make screenshot`` does) to also write the README's screenshot.
+"""
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+PANELS = ("loss-curve", "surface", "gradient")
+DRIVES = {  # shared control -> the panels whose figure must change (the others must not)
+    "clip_eps": {"loss-curve", "surface", "gradient"},
+    "old_value": {"loss-curve", "gradient"},
+    "return": {"loss-curve", "gradient"},
+    "extent": {"surface", "gradient"},
+}
+
+
+@pytest.fixture(scope="module")
+def app(browser_context, voila_server, widget_driver, artifacts):
+    """(page, WidgetDriver) of the app rendered once in a tab; the tab is closed after the module."""
+    page = browser_context.new_page()
+    page.page_errors = []
+    page.on("pageerror", lambda exc: page.page_errors.append(str(exc)))
+    try:
+        page.goto(voila_server.url("/voila/render/explorer.ipynb"), timeout=120_000)
+        page.locator(".valueloss-dashboard").wait_for(state="visible", timeout=120_000)
+        for panel in PANELS:
+            page.locator(f".valueloss-panel-{panel} .jupyter-matplotlib-canvas-div").wait_for(timeout=60_000)
+        yield page, widget_driver(page)
+    except BaseException:
+        artifacts("FAILED-voila-app.png", page.screenshot(full_page=True))
+        raise
+    finally:
+        page.close()
+
+
+def figure(page, panel):
+    """The ipympl canvas of one panel of the dashboard."""
+    return page.locator(f".valueloss-panel-{panel} .jupyter-matplotlib-canvas-div")
+
+
+def shared_slider(page, ui, name):
+    """The visible shared slider ``name`` (the explorers' own sliders are hidden)."""
+    return ui.slider(page.locator(".valueloss-shared-controls"), name)
+
+
+def inked_fraction(png: bytes) -> float:
+    """Fraction of pixels of a screenshot that are not (near) white."""
+    from PIL import Image
+
+    gray = Image.open(io.BytesIO(png)).convert("L")
+    histogram = gray.histogram()
+    return 1.0 - sum(histogram[245:]) / sum(histogram)
+
+
+def test_every_control_and_figure_renders(app, artifacts):
+    """Four shared sliders, three drawn figures with an explanation each, no code, no error."""
+    page, ui = app
+    controls = page.locator(".valueloss-shared-controls")
+    for name in DRIVES:
+        slider = shared_slider(page, ui, name)
+        assert slider.count() == 1 and slider.is_visible(), name
+        assert ui.readout(slider) != ""
+    assert page.locator(".widget-slider:visible").count() == len(DRIVES), "an explorer's own slider is visible"
+    for panel in PANELS:
+        canvas = figure(page, panel)
+        ui.wait_until_stable(canvas)
+        box = canvas.bounding_box()
+        assert box["width"] > 400 and box["height"] > 250, (panel, box)
+        assert inked_fraction(canvas.screenshot()) > 0.05, f"{panel} figure looks blank"
+        note = page.locator(f".valueloss-panel-{panel} .widget-html")
+        assert note.is_visible() and len(note.inner_text()) > 100, panel
+    assert controls.is_visible()
+    assert page.get_by_text("app.dashboard()").count() == 0, "the app shows code"
+    assert page.locator(".jp-CodeCell .jp-InputArea, .jp-CodeMirrorEditor").count() == 0, "the app shows code"
+    errors = page.locator("[data-mime-type='application/vnd.jupyter.stderr'], .jp-RenderedText[data-mime-type*=error]")
+    assert errors.count() == 0, errors.all_inner_texts()
+    assert page.get_by_text("Error displaying widget").count() == 0
+    assert page.page_errors == []
+    artifacts("voila-app.png", app_screenshot(page, ui))
+    if os.environ.get("VALUELOSS_APP_SCREENSHOT"):
+        readme_image(artifacts("voila-app.png", app_screenshot(page, ui)), Path(os.environ["VALUELOSS_APP_SCREENSHOT"]))
+
+
+def app_screenshot(page, ui) -> bytes:
+    """The whole app, top to bottom (the viewport is made tall enough for one shot, then restored)."""
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": 2200})
+    try:
+        page.mouse.move(0, 0)
+        for panel in PANELS:
+            ui.wait_until_stable(figure(page, panel))
+        return page.locator(".valueloss-dashboard").screenshot()
+    finally:
+        page.set_viewport_size(size)
+
+
+def readme_image(source: Path, target: Path, width: int = 1280) -> None:
+    """Downscale the app screenshot for the README."""
+    from PIL import Image
+
+    image = Image.open(source)
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.convert("RGB").save(target, optimize=True)
+
+
+@pytest.mark.parametrize("name", list(DRIVES))
+def test_slider_redraws_the_figures_it_drives(app, name, artifacts):
+    """A keyboard step on a shared slider changes the pixels of the figures it drives, and only those."""
+    page, ui = app
+    figures = {panel: figure(page, panel) for panel in PANELS}
+    before = {panel: ui.wait_until_stable(fig) for panel, fig in figures.items()}
+    shots = {panel: figures[panel].screenshot() for panel in DRIVES[name]}
+    slider = shared_slider(page, ui, name)
+    driven = sorted(DRIVES[name])
+    presses = ui.step_and_wait(slider, [figures[p] for p in driven], [before[p] for p in driven])
+    assert presses, f"{name} did not redraw all of {driven}"
+    for panel, fig in figures.items():
+        after = ui.wait_until_stable(fig)
+        if panel not in DRIVES[name]:
+            assert after == before[panel], f"{name} changed the {panel} figure, which it does not drive"
+    for panel in DRIVES[name]:
+        now = figures[panel].screenshot()
+        assert ui.changed_pixels(shots[panel], now) > 0, (name, panel)
+        artifacts(f"voila-{name}-{panel}-after.png", now)
+
+
+def test_slider_to_figure_latency_is_reported(app, latency_log):
+    """Time from a clip_eps key press to the first changed frame of each figure (printed, not asserted)."""
+    page, ui = app
+    slider = shared_slider(page, ui, "clip_eps")
+    for panel, steps in (("loss-curve", 6), ("surface", 3), ("gradient", 3)):
+        samples = []
+        for i in range(steps):
+            ms = ui.latency_ms(slider, figure(page, panel), "ArrowRight" if i % 2 == 0 else "ArrowLeft")
+            assert ms is not None, f"the {panel} figure did not change after a clip_eps step"
+            samples.append(ms)
+        latency_log(f"Voilà app, clip_eps -> {panel} figure", samples)
