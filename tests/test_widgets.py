@@ -207,3 +207,28 @@ def test_factories_return_explorers():
     assert isinstance(explorer, widgets.LossCurveExplorer) and explorer.params["clip_eps"] == 0.3
     assert isinstance(widgets.surface_explorer(backend="agg", num=16), widgets.SurfaceExplorer)
     assert isinstance(widgets.gradient_explorer(backend="agg", num=16), widgets.GradientExplorer)
+
+
+def test_ipympl_canvas_sends_png_before_a_front_end_attaches():
+    """An explorer drawn before display sends real PNG bytes and stores a data: URL (ipympl 0.10.0 work-around)."""
+    pytest.importorskip("ipympl")
+    import base64
+    import io
+
+    from PIL import Image
+
+    explorer = widgets.LossCurveExplorer(backend="ipympl")
+    try:
+        canvas = explorer.canvas
+        url = canvas._data_url
+        assert url.startswith("data:image/png;base64,")
+        assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        sent = []
+        canvas.send = lambda content, buffers=None: sent.append(buffers)
+        explorer.controls["clip_eps"].value = 0.4
+        binaries = [buffers[0] for buffers in sent if buffers]
+        assert binaries, "no picture was sent"
+        for data in binaries:
+            Image.open(io.BytesIO(bytes(data))).verify()  # raises unless a valid PNG
+    finally:
+        explorer.close()

@@ -122,9 +122,6 @@ class Dashboard:
         for explorer in self.explorers.values():
             for control in explorer.controls.values():
                 control.layout.display = "none"  # driven by the shared controls
-            if explorer.backend == "ipympl":
-                _repair_ipympl_canvas(explorer.canvas)
-                explorer.update()  # replaces the broken picture a live front-end may already hold
         self.controls = {name: _shared_slider(name, start[name]) for name in CONTROL_RANGES}
         self.notes = {name: ipywidgets.HTML() for name in self.explorers}
         for control in self.controls.values():
@@ -210,38 +207,6 @@ class Dashboard:
         for explorer in self.explorers.values():
             explorer.close()
         self.widget.close()
-
-
-def _repair_ipympl_canvas(canvas) -> None:
-    """Make an ipympl canvas that was drawn before display render (work-around for ipympl 0.10.0).
-
-    ``ipympl.backend_nbagg.Canvas.send_binary`` (0.10.0), while no front-end has initialised the
-    canvas (``syncing_data_url``), overwrites its PNG argument with the raw RGBA buffer and sends that
-    to the browser as the "PNG", and stores the real PNG in ``_data_url`` as bare base64 without the
-    ``data:image/png;base64,`` prefix. The explorers draw before they are displayed, so the browser
-    gets a broken image either way (live messages in JupyterLab, the stored ``_data_url`` in Voilà),
-    its next ``drawImage`` throws and the figure stays 0 x 0 pixels. This replaces the instance's
-    ``send_binary`` by the intended behaviour: send the PNG, store a proper data URL.
-    Checked against ipympl 0.10.0 (``ipympl/backend_nbagg.py``, ``Canvas.send_binary``) on 2026-11-25.
-    """
-    import base64
-    import io as _io
-
-    import numpy as np
-    from PIL import Image
-
-    def send_binary(data) -> None:
-        if canvas.syncing_data_url:
-            rgba = np.asarray(canvas._last_buff).view(np.uint8).reshape((*canvas._last_buff.shape, 4))
-            with _io.BytesIO() as png:
-                Image.fromarray(rgba).save(png, format="png")
-                canvas._data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
-        canvas.send({"data": '{"type": "binary"}'}, buffers=[data])
-
-    canvas.send_binary = send_binary
-    url = canvas._data_url
-    if isinstance(url, str) and url and not url.startswith("data:"):
-        canvas._data_url = "data:image/png;base64," + url
 
 
 def _slice(old_value: float, return_: float) -> float:

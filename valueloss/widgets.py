@@ -165,6 +165,7 @@ class Explorer:
             canvas.toolbar_visible = False
             canvas.resizable = False
             manager_class(canvas, 0)
+            _repair_ipympl_canvas(canvas)  # before the first draw: see its docstring
             return backend, canvas
         return backend, FigureCanvasAgg(self.figure)
 
@@ -570,3 +571,35 @@ def surface_explorer(**kwargs) -> SurfaceExplorer:
 def gradient_explorer(**kwargs) -> GradientExplorer:
     """A :class:`GradientExplorer` (keyword arguments as its constructor)."""
     return GradientExplorer(**kwargs)
+
+
+def _repair_ipympl_canvas(canvas) -> None:
+    """Make an ipympl canvas that was drawn before display render (work-around for ipympl 0.10.0).
+
+    ``ipympl.backend_nbagg.Canvas.send_binary`` (0.10.0), while no front-end has initialised the
+    canvas (``syncing_data_url``), overwrites its PNG argument with the raw RGBA buffer and sends that
+    to the browser as the "PNG", and stores the real PNG in ``_data_url`` as bare base64 without the
+    ``data:image/png;base64,`` prefix. The explorers draw before they are displayed, so the browser
+    gets a broken image either way (live messages in JupyterLab, the stored ``_data_url`` in Voilà),
+    its next ``drawImage`` throws and the figure stays 0 x 0 pixels. This replaces the instance's
+    ``send_binary`` by the intended behaviour: send the PNG, store a proper data URL.
+    Checked against ipympl 0.10.0 (``ipympl/backend_nbagg.py``, ``Canvas.send_binary``) on 2026-11-25.
+    """
+    import base64
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    def send_binary(data) -> None:
+        if canvas.syncing_data_url:
+            rgba = np.asarray(canvas._last_buff).view(np.uint8).reshape((*canvas._last_buff.shape, 4))
+            with _io.BytesIO() as png:
+                Image.fromarray(rgba).save(png, format="png")
+                canvas._data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
+        canvas.send({"data": '{"type": "binary"}'}, buffers=[data])
+
+    canvas.send_binary = send_binary
+    url = canvas._data_url
+    if isinstance(url, str) and url and not url.startswith("data:"):
+        canvas._data_url = "data:image/png;base64," + url

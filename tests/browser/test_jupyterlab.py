@@ -15,32 +15,6 @@ import pytest
 pytestmark = pytest.mark.browser
 
 NOTEBOOKS = ("01_clipped_loss_1d.ipynb", "explorer.ipynb")
-WIDGETS_BUG = (
-    "valueloss.widgets draws its ipympl canvas before display; ipympl 0.10.0 Canvas.send_binary then sends "
-    "the raw RGBA buffer as PNG and the figure stays 0x0 in JupyterLab. Fix in widgets._make_canvas: apply "
-    "valueloss.app._repair_ipympl_canvas (or skip the blit until the front-end is initialised); then drop this mark"
-)
-
-
-def widgets_send_broken_canvas() -> bool:
-    """Whether an explorer's canvas, drawn before display, holds ipympl 0.10.0's bare-base64 _data_url."""
-    from valueloss import widgets
-
-    explorer = widgets.LossCurveExplorer(backend="ipympl")
-    try:
-        url = explorer.canvas._data_url
-        return isinstance(url, str) and bool(url) and not url.startswith("data:")
-    finally:
-        explorer.close()
-
-
-@pytest.fixture(autouse=True)
-def _known_widgets_bug(request):
-    """For notebook 01, expect failure only while valueloss.widgets shows the ipympl bug (then it usually fails)."""
-    if request.node.callspec.params["notebook"].startswith("01_") and widgets_send_broken_canvas():
-        request.applymarker(pytest.mark.xfail(reason=WIDGETS_BUG, strict=False))  # a race: XPASS happens
-
-
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_explorer_redraws_in_jupyterlab(notebook, lab, page, widgets, served_root, artifacts, latency_log):
     """Run All shows no error, and a keyboard step of clip_eps changes the explorer's figure pixels."""
