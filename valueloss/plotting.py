@@ -29,8 +29,6 @@ Importing this module does not import pyplot or touch rcParams.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import matplotlib.colors as mcolors
 import numpy as np
 import torch
@@ -39,6 +37,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from . import functional as F
+from ._threads import single_thread
 from .dynamics import simulate_descent
 from .functional import Region
 
@@ -108,25 +107,6 @@ _DTYPE = torch.float64
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _one_thread():
-    """Run torch on one intra-op thread for the duration, then restore the caller's setting.
-
-    The grids here are small (<= 256 x 256): splitting each elementwise op across threads costs
-    more than it saves, and on a busy 2-core machine it made a 256 x 256 surface 50x slower
-    (120 ms instead of 2.4 ms, measured 2026-11-25). Nothing else is changed.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _get_ax(ax: Axes | None, figsize=(6.0, 4.0)) -> Axes:
@@ -245,7 +225,7 @@ def loss_curve_data(
     ``(v_clip - R)**2``, ``loss`` (the loss used: ``variant``'s), ``regions`` (uint8 codes).
     Without clipping (``clip_eps=None``) the clipped branch equals the unclipped one.
     """
-    with _one_thread():
+    with single_thread():
         old_value = _check_number(old_value, "old_value")
         return_ = _check_number(return_, "return_")
         clip_eps = F.check_clip_eps(clip_eps)
@@ -285,7 +265,7 @@ def gradient_curve_data(
     closed form, autograd's conventions), ``regions``, ``zeroed`` (``0.0`` where the region is
     :attr:`Region.CLIPPED`, NaN elsewhere: the stretch drawn as "gradient zeroed").
     """
-    with _one_thread():
+    with single_thread():
         old_value = _check_number(old_value, "old_value")
         return_ = _check_number(return_, "return_")
         clip_eps = F.check_clip_eps(clip_eps)
@@ -530,7 +510,7 @@ def surface_data(
     unclipped``), ``regions`` (uint8 :class:`Region` codes), ``grad`` (``d loss / d v`` with
     clipping). Asking only for the parts a picture needs keeps a slider redraw fast.
     """
-    with _one_thread():
+    with single_thread():
         unknown = set(parts) - set(SURFACE_PARTS)
         if unknown:
             raise ValueError(f"parts must be drawn from {SURFACE_PARTS}; got {sorted(unknown)}")

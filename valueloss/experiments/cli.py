@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._threads import single_thread
 from .ppo import CURVE_KEYS, PPOConfig, run_ppo
 
 __all__ = ["main", "build_parser", "run_grid", "run_key"]
@@ -68,9 +69,9 @@ def _round(x: float) -> float | None:
 
 def _run_one(config_dict: dict, seed: int, cache_file: str | None, progress_queue: Any = None) -> dict:
     """Worker: one PPO run on one torch thread, saved to ``cache_file`` (atomically) when given."""
-    torch.set_num_threads(1)
     report = None if progress_queue is None else progress_queue.put
-    curves = run_ppo(PPOConfig(**config_dict), seed, progress=report)
+    with single_thread():
+        curves = run_ppo(PPOConfig(**config_dict), seed, progress=report)
     if cache_file is not None:
         tmp = f"{cache_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -135,13 +136,9 @@ def run_grid(
         run_bar.update(1)
 
     if workers == 1 or len(todo) <= 1:
-        threads = torch.get_num_threads()
-        try:
-            for index, config, seed, cache_file in todo:
-                curves = _run_one(config.to_dict(), seed, cache_file, _BarQueue(step_bar))
-                finish(index, config, seed, curves)
-        finally:
-            torch.set_num_threads(threads)
+        for index, config, seed, cache_file in todo:
+            curves = _run_one(config.to_dict(), seed, cache_file, _BarQueue(step_bar))
+            finish(index, config, seed, curves)
     else:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
         with context.Manager() as manager, futures.ProcessPoolExecutor(workers, mp_context=context) as pool:

@@ -37,9 +37,9 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
+from .._threads import single_thread
 from ..diagnostics import diagnose
 from ..loss import ValueLoss
-from ._threads import single_thread
 
 __all__ = ["PPOConfig", "RunningMeanStd", "RewardScaler", "compute_gae", "run_ppo", "CURVE_KEYS"]
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._threads import single_thread
 from ..diagnostics import diagnose
 from ..loss import ValueLoss
-from ._threads import single_thread
 
 __all__ = ["ToyCriticConfig", "make_toy_problem", "run_toy_critic", "iterations_to_reach"]
 
