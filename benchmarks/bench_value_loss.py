@@ -9,7 +9,10 @@ Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``)
   ``valueloss.fused.AUTO_MIN_NUMEL`` tokens, fused above);
 * ``fused``: ``ValueLoss(0.2, fused=True)``, the one-pass compiled kernel;
 * ``floor``: a streaming pass that reads the four inputs once and writes one tensor
-  (``values + old_values + returns * mask``, compiled into one loop): no loss can be cheaper.
+  (``values + old_values + returns * mask``, compiled into one loop): no loss can be cheaper. A bool
+  mask is read as bytes (``mask.view(torch.uint8)``), as the fused kernel reads it: inductor's
+  vectorised load of ``bool`` on AVX2 CPUs is several times slower than a byte load, and a floor
+  that paid for that would not be a floor.
 
 Timing: every repetition runs each method once, in turn (interleaved, so that load on the
 machine hits all methods alike); we report medians and their ratios to ``reference`` from the same
@@ -98,7 +101,8 @@ def make_steps(inputs):
 
     steps = {"reference": loss_step(openrlhf_value_loss)}
     steps.update({name: loss_step(modules[name]) for name in ("eager", "fused", "default")})
-    steps["floor"] = lambda: floor(values.detach(), old_values, returns, action_mask)
+    mask_bytes = action_mask.view(torch.uint8) if action_mask.dtype == torch.bool else action_mask
+    steps["floor"] = lambda: floor(values.detach(), old_values, returns, mask_bytes)
     return steps
 
 

@@ -366,6 +366,79 @@ def test_backward_scales_by_grad_output_and_supports_retain_graph():
     torch.testing.assert_close(leaf.grad, 4.0 * eager_grad)
 
 
+def _peak_extra_bytes(step):
+    """Peak of (allocated - freed) bytes while ``step`` runs, from the profiler's CPU memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            current += event.nbytes()
+            peak = max(peak, current)
+    return peak
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_a_step_allocates_one_gradient_and_nothing_else_of_its_size(dtype, mode):
+    """Forward + backward hold at most the gradient itself (1x the input) at any moment, for fp32 and bf16."""
+    values, old_values, returns, action_mask = _inputs((64, 1024), dtype=dtype)
+    leaf = values.clone().requires_grad_(True)
+
+    def step():
+        fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2, mode=mode).backward()
+
+    step()  # compile outside the measurement
+    leaf.grad = None
+    peak = _peak_extra_bytes(step)
+    input_bytes = leaf.numel() * leaf.element_size()
+    assert input_bytes <= peak <= 1.01 * input_bytes + 4096, (peak, input_bytes)
+    assert leaf.grad.dtype == dtype
+    _, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+    torch.testing.assert_close(leaf.grad, eager_grad, rtol=0 if dtype == torch.bfloat16 else 1e-6, atol=1e-12)
+
+
+@needs_compiler
+def test_half_precision_retain_graph_recomputes_the_same_gradient():
+    """bf16 backward recomputes from the saved inputs, so a second backward gives the same gradient again."""
+    values, old_values, returns, action_mask = _inputs((41, 401), dtype=torch.bfloat16)
+    leaf = values.clone().requires_grad_(True)
+    loss = fused_value_loss(leaf, old_values, returns, action_mask, clip_eps=0.2)
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    leaf.grad = None
+    loss.backward()
+    _, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2)
+    assert torch.equal(first, eager_grad) and torch.equal(leaf.grad, eager_grad)
+
+
+@needs_compiler
+def test_inputs_modified_in_place_after_forward():
+    """fp32 keeps the forward's gradient (in-place edits do not change it); bf16 recomputes, so autograd refuses."""
+    values, old_values, returns, action_mask = _inputs((41, 401))
+    leaf = values.clone().requires_grad_(True)
+    loss = fused_value_loss(leaf, old_values.clone(), returns, action_mask, clip_eps=0.2)
+    loss.backward()
+    expected = leaf.grad.clone()
+    leaf.grad = None
+    edited = old_values.clone()
+    loss = fused_value_loss(leaf, edited, returns, action_mask, clip_eps=0.2)
+    edited.add_(1.0)
+    loss.backward()
+    assert torch.equal(leaf.grad, expected)
+
+    values, old_values, returns, action_mask = _inputs((41, 401), dtype=torch.bfloat16)
+    leaf = values.clone().requires_grad_(True)
+    edited = old_values.clone()
+    loss = fused_value_loss(leaf, edited, returns, action_mask, clip_eps=0.2)
+    edited.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @needs_compiler
 def test_double_backward_is_refused_clearly():
     """A second-order gradient through the fused loss raises instead of returning a wrong zero."""

@@ -273,8 +273,10 @@ def _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type,
     if clip_eps is None:
         return grad_unclipped
     delta = values - old_values
-    inside = (delta >= -clip_eps) & (delta <= clip_eps)
-    values_clipped = old_values + delta.clamp(-clip_eps, clip_eps)
+    delta_clipped = delta.clamp(-clip_eps, clip_eps)
+    # Inside the closed band exactly when the clamp left delta unchanged (False for NaN, like the comparisons).
+    inside = delta_clipped == delta
+    values_clipped = old_values + delta_clipped
     grad_clipped = torch.where(inside, _error_loss_grad(values_clipped - returns, loss_type, huber_delta), 0.0)
     if variant == "clipped":
         return grad_clipped

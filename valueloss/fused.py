@@ -1,14 +1,22 @@
-"""One-pass value loss: the reduced loss and its gradient in a single sweep over the tokens.
+"""One-pass value loss: the reduced loss and its gradient with one sweep over the tokens each.
 
 The eager formula (:func:`valueloss.functional.value_loss` under autograd) launches about a dozen
-element-wise kernels and keeps several input-sized tensors alive for backward. Here the forward
-reads ``values``, ``old_values``, ``returns`` and ``action_mask`` once, and in that same pass writes
-the per-token gradient and reduces the loss; backward multiplies the stored gradient by one scalar
-(or one factor per sequence) and the incoming ``grad_output``. The math is the closed form of
-:func:`valueloss.functional.elementwise_value_loss_grad` (closed clip band, ties split 50/50), so
-the result equals autograd of the eager formula.
+element-wise kernels and keeps about 9.5 input-sized tensors alive for backward. Here, for float32
+(or float64) ``values``, the forward reads ``values``, ``old_values``, ``returns`` and
+``action_mask`` once and, in that same pass, writes the per-token gradient and reduces the loss;
+backward scales that buffer in place by one scalar (or one factor per sequence) and the incoming
+``grad_output`` and hands it over as ``values.grad``. The whole step allocates one tensor of the
+input's size: the gradient. For bfloat16/float16 ``values`` the gradient must be rounded once from
+float32 after the scaling, so the forward pass only reads and reduces, and backward recomputes the
+per-token gradient from the (saved, not copied) inputs and writes it in ``values.dtype``: again one
+tensor. The math is the closed form of :func:`valueloss.functional.elementwise_value_loss_grad`
+(closed clip band, ties split 50/50), so the result equals autograd of the eager formula.
 
-The pass is a plain PyTorch function compiled with :func:`torch.compile` (inductor: C++/OpenMP on
+Bool masks reach the kernels as bytes (``mask.view(torch.uint8)``): inductor's vectorised load of
+``bool`` on AVX2 CPUs goes through a scalar buffer and costs several times a byte load (measured
+with ``benchmarks/bench_value_loss.py``: the fused step with a bool mask took about 2x as long before).
+
+The passes are plain PyTorch functions compiled with :func:`torch.compile` (inductor: C++/OpenMP on
 CPU, Triton on GPU), one compiled kernel per configuration (variant, loss type, clipping on or off,
 token or sequence reduction, dtypes and mask kind, device; ``clip_eps`` and ``huber_delta`` are
 kernel inputs), with dynamic shapes so that new batch shapes do not recompile (inductor may compile a
@@ -17,8 +25,11 @@ compilation fails (no C++ compiler, no Triton, ...), :func:`fused_value_loss` wa
 back to the eager closed form of :func:`valueloss.functional.value_loss_grad`.
 
 Only ``values`` is differentiated; there is no second derivative (backward with
-``create_graph=True`` raises a clear error), and ``retain_graph=True`` works (the stored gradient
-is never modified). Nothing in the forward synchronises with the host.
+``create_graph=True`` raises a clear error). ``retain_graph=True`` works: a second backward
+recomputes the gradient from the saved inputs. Autograd refuses that recomputation (bfloat16,
+float16, or a second backward) if an input was modified in place after the forward; the first
+float32 backward uses the gradient of the forward and is not affected. Nothing in the forward
+synchronises with the host.
 """
 
 from __future__ import annotations
@@ -127,52 +138,84 @@ def use_fused(fused: bool | str, values: Tensor, *others: Tensor | None) -> bool
 # --------------------------------------------------------------------------- the one-pass kernel
 
 
-def _token_pass(
-    values: Tensor,
-    old_values: Tensor | None,
-    returns: Tensor,
-    action_mask: Tensor | None,
-    clip_eps: Tensor | None,
-    variant: str,
-    loss_type: str,
-    huber_delta: Tensor,
-    per_sequence: bool,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The per-token work, written for inductor to fuse into one loop over the tokens.
-
-    ``clip_eps`` and ``huber_delta`` arrive as 0-dim tensors, so that one compiled kernel serves
-    every value (and no value is baked into generated code).
-
-    Returns ``(grad_tokens, loss_sum, weight_sum)``: ``mask * d loss_token / d values`` in ``dtype``,
-    and the sums of ``mask * loss_token`` and of ``mask`` over everything (``per_sequence=False``)
-    or over the last dimension. Masked-out tokens are zeroed before any arithmetic, so NaN/inf there
-    never reach the loss or the gradient.
-    """
-    values = values.to(dtype)
-    returns = returns.to(dtype)
-    old_values = None if old_values is None else old_values.to(dtype)
-    if action_mask is not None:
-        keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
-        values = torch.where(keep, values, 0.0)
-        returns = torch.where(keep, returns, 0.0)
-        old_values = None if old_values is None else torch.where(keep, old_values, 0.0)
-    loss_token = F._elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-    grad_token = F._elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
+def _mask_weights(action_mask: Tensor | None, mask_is_bool: bool, dtype: torch.dtype):
+    """``(keep, weight)`` of a mask as the kernels see it (a bool mask arrives viewed as ``uint8``)."""
     if action_mask is None:
-        weight = torch.ones_like(values)
-        loss_weighted, grad_weighted = loss_token, grad_token
-    elif action_mask.dtype == torch.bool:
-        weight = action_mask.to(dtype)
-        loss_weighted = torch.where(keep, loss_token, 0.0)
-        grad_weighted = torch.where(keep, grad_token, 0.0)
-    else:
-        weight = action_mask.to(dtype)
-        loss_weighted = torch.where(keep, loss_token, 0.0) * weight
-        grad_weighted = torch.where(keep, grad_token, 0.0) * weight
+        return None, None
+    weight = action_mask.to(dtype)
+    # Bool masks come as uint8 bytes: inductor's vectorised CPU load of bool is several times slower
+    # than a byte load plus a conversion (measured: benchmarks/bench_value_loss.py, bool vs float masks).
+    keep = weight != 0 if mask_is_bool else action_mask != 0
+    return keep, weight
+
+
+def _masked_token(token: Tensor, keep: Tensor | None, weight: Tensor | None, mask_is_bool: bool) -> Tensor:
+    """``mask * token``, exactly 0 at masked-out tokens whatever ``token`` holds there (NaN, inf)."""
+    if keep is None:
+        return token
+    if mask_is_bool:
+        return torch.where(keep, token, 0.0)
+    return torch.where(keep, token, 0.0) * weight
+
+
+def _per_token(inputs: tuple, settings: tuple, dtype: torch.dtype, mask_is_bool: bool, *, loss: bool, grad: bool):
+    """``(mask * loss_token or None, mask * d loss_token / d values or None, mask weight or None)`` in ``dtype``.
+
+    ``inputs = (values, old_values, returns, action_mask)``; ``settings = (clip_eps, variant,
+    loss_type, huber_delta)`` with ``clip_eps`` and ``huber_delta`` as 0-dim tensors, so that one
+    compiled kernel serves every value (and no value is baked into generated code). Masked-out
+    tokens are selected away by ``torch.where``, so NaN/inf there never reach the results.
+    """
+    values, old_values, returns, action_mask = inputs
+    tensors = (values.to(dtype), None if old_values is None else old_values.to(dtype), returns.to(dtype))
+    keep, weight = _mask_weights(action_mask, mask_is_bool, dtype)
+    loss_token = _masked_token(F._elementwise(*tensors, *settings), keep, weight, mask_is_bool) if loss else None
+    grad_token = _masked_token(F._elementwise_grad(*tensors, *settings), keep, weight, mask_is_bool) if grad else None
+    return loss_token, grad_token, weight
+
+
+def _sums(loss: Tensor, weight: Tensor | None, per_sequence: bool) -> tuple[Tensor, Tensor]:
+    """Sums of ``mask * loss_token`` and of ``mask``: over everything, or over the last dimension."""
+    weight = torch.ones_like(loss) if weight is None else weight
     if per_sequence:
-        return grad_weighted, loss_weighted.sum(dim=-1, keepdim=True), weight.sum(dim=-1, keepdim=True)
-    return grad_weighted, loss_weighted.sum(), weight.sum()
+        return loss.sum(dim=-1, keepdim=True), weight.sum(dim=-1, keepdim=True)
+    return loss.sum(), weight.sum()
+
+
+def _token_pass(values, old_values, returns, action_mask, clip_eps, variant, loss_type, huber_delta, per_sequence,
+                dtype, mask_is_bool):
+    """Forward when ``values`` has the compute dtype: ``(grad_tokens, loss_sum, weight_sum)`` in one loop.
+
+    ``grad_tokens`` is ``mask * d loss_token / d values`` in ``dtype``; the sums are :func:`_sums`'.
+    """
+    settings = (clip_eps, variant, loss_type, huber_delta)
+    loss, grad, weight = _per_token(
+        (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=True, grad=True
+    )
+    return (grad, *_sums(loss, weight, per_sequence))
+
+
+def _loss_pass(values, old_values, returns, action_mask, clip_eps, variant, loss_type, huber_delta, per_sequence,
+               dtype, mask_is_bool):
+    """Forward for half-precision ``values``: only ``(loss_sum, weight_sum)``, a read-only loop."""
+    settings = (clip_eps, variant, loss_type, huber_delta)
+    loss, _, weight = _per_token(
+        (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=True, grad=False
+    )
+    return _sums(loss, weight, per_sequence)
+
+
+def _grad_pass(values, old_values, returns, action_mask, clip_eps, variant, loss_type, huber_delta, scale_tokens,
+               dtype, mask_is_bool):
+    """Backward by recomputation: ``scale_tokens * mask * d loss_token / d values``, rounded once into
+    ``values.dtype``, in one loop that writes only the gradient. ``scale_tokens`` is
+    d loss / d (mask * loss_token): a 0-dim tensor, or one factor per sequence.
+    """
+    settings = (clip_eps, variant, loss_type, huber_delta)
+    _, grad, _ = _per_token(
+        (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=False, grad=True
+    )
+    return (scale_tokens * grad).to(values.dtype)
 
 
 def _new_function(fn: Callable, suffix: str) -> Callable:
@@ -185,7 +228,7 @@ def _new_function(fn: Callable, suffix: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _kernel(key: tuple, fn: Callable = _token_pass) -> Callable:
+def _kernel(key: tuple, fn: Callable) -> Callable:
     with _LOCK:
         kernel = _KERNELS.get(key)
         if kernel is None:
@@ -265,20 +308,26 @@ def _as_tensor(count, like: Tensor) -> Tensor:
 
 
 class FusedValueLoss(torch.autograd.Function):
-    """Forward: loss and the per-token gradient in one pass; backward: one multiply.
+    """Forward: the loss (and, for full-precision ``values``, the per-token gradient) in one pass.
 
     Call through :func:`fused_value_loss`, which validates the arguments. ``apply(values,
-    old_values, returns, action_mask, config, counts)``; only ``values`` gets a gradient. Saved for
-    backward: the per-token gradient (compute dtype, the size of ``values``) and a few scalars or
-    per-sequence denominators.
+    old_values, returns, action_mask, config, counts)``; only ``values`` gets a gradient.
+
+    When ``values`` has the compute dtype (float32, float64), the forward pass also writes the
+    per-token gradient, and backward scales that buffer in place and hands it over as the gradient:
+    the step allocates one tensor of the inputs' size in all. For half-precision ``values`` the
+    gradient must be rounded once from float32, so the forward pass only reads, and backward
+    recomputes the per-token gradient and writes it in ``values.dtype`` (again one tensor). A second
+    backward through the same graph (``retain_graph=True``) also recomputes. The inputs are saved as
+    references (no copies); autograd refuses that recomputation if they were modified in place.
     """
 
     @staticmethod
     def forward(ctx, values, old_values, returns, action_mask, config, counts):
         loss, grad_tokens, denominators, compiled = _forward(values, old_values, returns, action_mask, config, counts)
-        ctx.save_for_backward(grad_tokens, *denominators)
-        ctx.config, ctx.compiled, ctx.values_dtype = config, compiled, values.dtype
-        ctx.tokens_per_sequence = values.shape[-1]
+        ctx.save_for_backward(values, old_values, returns, action_mask)
+        ctx.grad_tokens, ctx.denominators = grad_tokens, denominators
+        ctx.config, ctx.counts, ctx.compiled, ctx.shape = config, counts, compiled, values.shape
         return loss
 
     @staticmethod
@@ -288,40 +337,26 @@ class FusedValueLoss(torch.autograd.Function):
                 "the fused value loss has no second derivative: backward with create_graph=True is not supported; "
                 "use ValueLoss(fused=False) (or valueloss.functional.value_loss) for double backward"
             )
-        grad_tokens, *denominators = ctx.saved_tensors
-        if ctx.compiled:
-            scale_tokens = _loss_to_tokens(grad_output, tuple(denominators), ctx.config, ctx.tokens_per_sequence)
-            if scale_tokens.dim() > 0:  # one factor per sequence: (sequences, 1) -> (..., 1)
-                scale_tokens = scale_tokens.reshape(grad_tokens.shape[:-1] + (1,))
-        else:  # the fallback saved the finished gradient
-            scale_tokens = grad_output
-        return _scale(grad_tokens, scale_tokens.to(grad_tokens.dtype), ctx.values_dtype), None, None, None, None, None
-
-
-def _scale_and_cast(grad_tokens: Tensor, scale_tokens: Tensor, dtype: torch.dtype) -> Tensor:
-    return (scale_tokens * grad_tokens).to(dtype)
-
-
-def _scale(grad_tokens: Tensor, scale_tokens: Tensor, dtype: torch.dtype) -> Tensor:
-    """``scale_tokens * grad_tokens`` in the compute dtype, rounded once into ``dtype``, in one pass.
-
-    Same dtype: one eager ``mul``. Half-precision ``values``: eager PyTorch would write a float32
-    product and then copy it (2 more inputs' worth of memory), so this multiply-and-round is compiled too.
-    """
-    if dtype == grad_tokens.dtype:
-        return scale_tokens * grad_tokens
-    if _COMPILE_ERROR is None and grad_tokens.numel() > 0:
-        key = ("scale", grad_tokens.device.type, grad_tokens.dtype, dtype, scale_tokens.dim())
-        try:
-            return _kernel(key, _scale_and_cast)(grad_tokens, scale_tokens, dtype)
-        except Exception:  # noqa: BLE001 -- the eager fallback below is always correct
-            pass
-    return (scale_tokens * grad_tokens).to(dtype)
+        grad_tokens, ctx.grad_tokens = ctx.grad_tokens, None
+        if not ctx.compiled:  # the eager fallback saved the finished gradient
+            ctx.grad_tokens = grad_tokens
+            values = ctx.saved_tensors[0]
+            return (grad_output * grad_tokens).to(values.dtype), None, None, None, None, None
+        scale_tokens = _loss_to_tokens(grad_output, ctx.denominators, ctx.config, ctx.shape[-1])
+        if grad_tokens is not None:  # first backward, full precision: scale the buffer in place and hand it over
+            return grad_tokens.mul_(scale_tokens.to(grad_tokens.dtype)).reshape(ctx.shape), None, None, None, None, None
+        return _recompute_grad(ctx.saved_tensors, grad_output, scale_tokens, ctx), None, None, None, None, None
 
 
 def _flat(t: Tensor | None, shape: tuple) -> Tensor | None:
-    # detach(): a tensor without a view base, so that dynamo does not guard on the caller's layout.
-    return None if t is None else t.reshape(shape).detach()
+    """``t`` as the kernels see it: reshaped to ``shape``, bool viewed as uint8 bytes, detached.
+
+    detach(): a tensor without a view base, so that dynamo does not guard on the caller's layout.
+    """
+    if t is None:
+        return None
+    t = t.reshape(shape)
+    return (t.view(torch.uint8) if t.dtype == torch.bool else t).detach()
 
 
 def _constant(value: float | None, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -334,51 +369,86 @@ def _constant(value: float | None, dtype: torch.dtype, device: torch.device) -> 
     return _CONSTANTS[key]
 
 
-def _forward(values, old_values, returns, action_mask, config, counts):
-    """(loss, saved gradient, denominators, compiled?) by the compiled kernel, or by the eager closed form."""
-    global _COMPILE_ERROR
-    clip_eps, variant, mode, loss_type, huber_delta, scale, dp_size, loss_scale_factor = config
-    batch_num_tokens, global_batch_size = counts
-    dtype = F._compute_dtype(values, old_values, returns)
+def _kernel_inputs(inputs: tuple, config: tuple, kind: str):
+    """(compiled kernel of this kind and configuration, its tensor arguments, its constant arguments)."""
+    values, _, _, action_mask = inputs
+    clip_eps, variant, mode, loss_type, huber_delta = config[:5]
+    dtype = F._compute_dtype(*inputs[:3])
     per_sequence = mode.startswith("seq-mean")
+    # Token modes see one flat run of tokens, sequence modes a (sequences, T) matrix: one
+    # symbolic size each, whatever the caller's number of dimensions.
+    shape = (math.prod(values.shape[:-1]), values.shape[-1]) if per_sequence else (values.numel(),)
+    key = (
+        kind, values.device.type, clip_eps is None, variant, loss_type, per_sequence,
+        tuple(None if t is None else t.dtype for t in inputs),
+    )
+    fn = {"token": _token_pass, "loss": _loss_pass, "grad": _grad_pass}[kind]
+    flat = [_flat(t, shape) for t in inputs]
+    clip_eps, huber_delta = (_constant(c, dtype, values.device) for c in (clip_eps, huber_delta))
+    mask_is_bool = action_mask is not None and action_mask.dtype == torch.bool
+    return _kernel(key, fn), flat, (clip_eps, variant, loss_type, huber_delta), (dtype, mask_is_bool), per_sequence
+
+
+def _forward(values, old_values, returns, action_mask, config, counts):
+    """(loss, per-token gradient or None, denominators, compiled?) by a compiled pass, or by the eager closed form."""
+    inputs = (values, old_values, returns, action_mask)
     if _COMPILE_ERROR is None and values.numel() > 0:
-        # Token modes see one flat run of tokens, sequence modes a (sequences, T) matrix: one
-        # symbolic size each, whatever the caller's number of dimensions.
-        shape = (math.prod(values.shape[:-1]), values.shape[-1]) if per_sequence else (values.numel(),)
-        flat = [_flat(t, shape) for t in (values, old_values, returns, action_mask)]
-        key = (
-            values.device.type,
-            clip_eps is None,
-            variant,
-            loss_type,
-            per_sequence,
-            tuple(None if t is None else t.dtype for t in (values, old_values, returns, action_mask)),
-        )
-        constants = [_constant(c, dtype, values.device) for c in (clip_eps, huber_delta)]
+        one_pass = values.dtype == F._compute_dtype(values, old_values, returns)
         try:
-            grad_tokens, loss_sum, weight_sum = _kernel(key)(
-                *flat, constants[0], variant, loss_type, constants[1], per_sequence, dtype
+            kernel, flat, settings, (dtype, mask_is_bool), per_sequence = _kernel_inputs(
+                inputs, config, "token" if one_pass else "loss"
             )
+            outputs = kernel(*flat, *settings, per_sequence, dtype, mask_is_bool)
+            grad_tokens, *sums = outputs if one_pass else (None, *outputs)
         except Exception as error:  # compilation failed: remember it, warn once, use the eager closed form
-            message = str(error).strip()
-            _COMPILE_ERROR = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+            _remember_failure(error)
         else:
-            loss, denominators = _reduce(
-                loss_sum, weight_sum, values.shape[-1], mode, scale, dp_size, batch_num_tokens, global_batch_size,
-                loss_scale_factor,
-            )
-            return loss, grad_tokens.reshape(values.shape), denominators, True
+            loss, denominators = _reduce(*sums, values.shape[-1], *_reduce_settings(config, counts))
+            return loss, grad_tokens, denominators, True
     if values.numel() > 0:
         _warn_fallback()
-    kwargs = dict(
+    with torch.no_grad():
+        loss = F.value_loss(*inputs, **_eager_kwargs(config, counts))
+        grad = F.value_loss_grad(*inputs, **_eager_kwargs(config, counts))
+    return loss, grad, (), False
+
+
+def _recompute_grad(inputs: tuple, grad_output: Tensor, scale_tokens: Tensor, ctx) -> Tensor:
+    """The gradient for ``values`` by the compiled gradient pass (or the eager closed form if it fails)."""
+    values = inputs[0]
+    if _COMPILE_ERROR is None:
+        try:
+            kernel, flat, settings, (dtype, mask_is_bool), _ = _kernel_inputs(inputs, ctx.config, "grad")
+            grad = kernel(*flat, *settings, scale_tokens.to(dtype), dtype, mask_is_bool)
+        except Exception as error:  # noqa: BLE001 -- same fallback as the forward's
+            _remember_failure(error)
+        else:
+            return grad.reshape(ctx.shape)
+    _warn_fallback()
+    with torch.no_grad():
+        grad = F.value_loss_grad(*inputs, **_eager_kwargs(ctx.config, ctx.counts))
+    return (grad_output * grad).to(values.dtype)
+
+
+def _reduce_settings(config: tuple, counts: tuple) -> tuple:
+    _, _, mode, _, _, scale, dp_size, loss_scale_factor = config
+    return mode, scale, dp_size, *counts, loss_scale_factor
+
+
+def _eager_kwargs(config: tuple, counts: tuple) -> dict:
+    clip_eps, variant, mode, loss_type, huber_delta, scale, dp_size, loss_scale_factor = config
+    batch_num_tokens, global_batch_size = counts
+    return dict(
         clip_eps=clip_eps, variant=variant, mode=mode, loss_type=loss_type, huber_delta=huber_delta, scale=scale,
         dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
-    with torch.no_grad():
-        loss = F.value_loss(values, old_values, returns, action_mask, **kwargs)
-        grad = F.value_loss_grad(values, old_values, returns, action_mask, **kwargs)
-    return loss, grad, (), False
+
+
+def _remember_failure(error: Exception) -> None:
+    global _COMPILE_ERROR
+    message = str(error).strip()
+    _COMPILE_ERROR = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
 
 
 def _warn_fallback() -> None:
