@@ -26,7 +26,8 @@ at ``peak_extra_bytes``. It counts everything the step allocates and holds at th
 saved for backward, temporaries, and the gradient ``values.grad`` itself (1x the input for fp32).
 Ratios are to the size of one input tensor (``values``).
 
-Usage: ``python benchmarks/bench_value_loss.py [--short] [--json out.json]``.
+Usage: ``python benchmarks/bench_value_loss.py [--short] [--json out.json]``; ``--report out.json`` prints
+the README's table and target summary of a results file.
 """
 
 from __future__ import annotations
@@ -234,6 +235,38 @@ def targets(result, sizes=("1M", "4M")):
     return checks
 
 
+def markdown_report(result, sizes=("1M", "4M")):
+    """The README's table of a results file (one row per configuration at ``sizes``) and its target summary."""
+    rows = {(r["size"], r["dtype"], r["mask"], r["threads"], r["method"]): r for r in result["rows"]}
+    configs = sorted(
+        {key[:4] for key in rows if key[0] in sizes},
+        key=lambda c: (SIZES[c[0]], c[3], list(DTYPES).index(c[1]), c[2]),
+    )
+    lines = [
+        "| tokens | dtype | mask | threads | reference | fused | fused speed-up | fused / floor "
+        "| peak extra: reference / eager / fused |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config in configs:
+        ref, fus, eag = (rows[config + (m,)] for m in ("reference", "fused", "eager"))
+        peaks = [ref["peak_extra_vs_input"], eag["peak_extra_vs_input"], fus["peak_extra_vs_input"]]
+        lines.append(
+            f"| {' | '.join(map(str, config))} | {ref['median_s'] * 1e3:.1f} ms | {fus['median_s'] * 1e3:.2f} ms "
+            f"| {fus['speedup_vs_reference']:.1f}x | {fus['ratio_to_floor']:.2f} "
+            f"| {peaks[0]:.1f}x / {peaks[1]:.1f}x / {peaks[2]:.2f}x |"
+        )
+    lines.append("")
+    checks = targets(result, sizes)
+    for name in sorted({c[1] for c in checks}):
+        measured = sorted(c[2] for c in checks if c[1] == name)
+        met = sum(c[3] for c in checks if c[1] == name)
+        lines.append(
+            f"- {name}: met in {met}/{len(measured)}; range {measured[0]:.2f} to {measured[-1]:.2f}, "
+            f"median {statistics.median(measured):.2f}"
+        )
+    return "\n".join(lines)
+
+
 def machine_info():
     """CPU model, core count, torch version and load: where and under what conditions this ran."""
     cpu = platform.processor() or ""
@@ -330,7 +363,11 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--report", metavar="RESULTS.json", help="print the README table of a results file and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown_report(load_results(args.report)))
+        return None
     info = machine_info()
     load = info.get("load_average_start")
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {load}")

@@ -58,3 +58,18 @@ def test_peak_memory_of_fused_path_is_the_gradient_alone(short_run):
             assert 1.0 <= row["peak_extra_vs_input"] <= 1.01
         if row["method"] == "reference":
             assert row["peak_extra_vs_input"] >= 5.0
+
+
+def test_markdown_report_has_one_row_per_configuration_with_the_files_numbers(short_run):
+    """--report's table lists each configuration once, with the speed-up and peak memory of the results file."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_value_loss as bench
+
+    _, result = short_run
+    text = bench.markdown_report(result, sizes=("1M",))
+    table = [line for line in text.splitlines() if line.startswith("| 1M")]
+    fused = [r for r in result["rows"] if r["method"] == "fused" and r["size"] == "1M"]
+    assert len(table) == len(fused) == 1
+    assert f"| {fused[0]['speedup_vs_reference']:.1f}x |" in table[0]
+    assert f"/ {fused[0]['peak_extra_vs_input']:.2f}x |" in table[0]
+    assert "- fused speedup vs reference: met in" in text
