@@ -95,9 +95,9 @@ def test_packaging_files_exist():
 
 
 def test_exports_are_lazy_and_the_command_line_needs_no_torch():
-    """`import valueloss` leaves torch unloaded; the exports still resolve."""
+    """`import valueloss, valueloss.cli, valueloss.inspect` leaves torch unloaded; the exports still resolve."""
     code = (
-        "import sys, valueloss\n"
+        "import sys, valueloss, valueloss.cli, valueloss.inspect\n"
         "print('torch' in sys.modules)\n"
         "from valueloss import ValueLoss, ValueLossDiagnostics, Region, diagnose, functional\n"
         "import valueloss.diagnostics as d, valueloss.functional as f, valueloss.loss as l\n"
