@@ -112,3 +112,14 @@ def test_parser_defaults():
     args = build_parser().parse_args(["inspect", "b.pt"])
     assert (args.clip_eps, args.mode, tuple(args.target_clip_fraction), args.json) == (0.2, "token-mean",
                                                                                        (0.05, 0.15), False)
+
+
+def test_readme_example_is_the_commands_output():
+    """README.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4` prints."""
+    root = SAMPLE.parents[2]
+    command = "valueloss inspect notebooks/data/sample_batch.npz --top 4"
+    readme = (root / "README.md").read_text()
+    block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0 and out.stdout == block
