@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from valueloss.cli import build_parser, main
 
-SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.pt"
+SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
 
 def run(*args):
@@ -33,6 +34,29 @@ def test_text_report_on_the_sample():
     assert out.returncode == 0, out.stderr
     assert "valueloss inspect:" in out.stdout and "have zero gradient (clip fraction)" in out.stdout
     assert "suggestion  clip_eps in [" in out.stdout and out.stderr == ""
+
+
+def test_inspect_on_npz_never_imports_torch():
+    """`python -m valueloss inspect sample.npz` (text and --json) runs without importing torch (-X importtime)."""
+    for extra in ((), ("--json",)):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "valueloss", "inspect", str(SAMPLE), *extra],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "783" in out.stdout
+        lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
+        imported = [line.rsplit("|", 1)[-1].strip() for line in lines]
+        assert "numpy" in imported and "valueloss.inspect" in imported
+        assert [name for name in imported if name.split(".")[0] == "torch"] == []
+
+
+def test_inspect_on_pt_still_works(tmp_path):
+    """A .pt copy of the sample (read with torch.load(weights_only=True)) gives the same report as the .npz."""
+    path = tmp_path / "sample.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in np.load(SAMPLE).items()}, path)
+    from_pt, from_npz = run("inspect", path, "--json"), run("inspect", SAMPLE, "--json")
+    assert from_pt.returncode == 0, from_pt.stderr
+    report_pt, report_npz = json.loads(from_pt.stdout), json.loads(from_npz.stdout)
+    assert report_pt.pop("source") == str(path) and report_npz.pop("source") == str(SAMPLE)
+    assert report_pt == report_npz
 
 
 def test_json_report_and_plot(tmp_path):
@@ -88,3 +112,14 @@ def test_parser_defaults():
     args = build_parser().parse_args(["inspect", "b.pt"])
     assert (args.clip_eps, args.mode, tuple(args.target_clip_fraction), args.json) == (0.2, "token-mean",
                                                                                        (0.05, 0.15), False)
+
+
+def test_readme_example_is_the_commands_output():
+    """README.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4` prints."""
+    root = SAMPLE.parents[2]
+    command = "valueloss inspect notebooks/data/sample_batch.npz --top 4"
+    readme = (root / "README.md").read_text()
+    block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0 and out.stdout == block

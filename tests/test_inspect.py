@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from valueloss import diagnose, functional
 from valueloss import inspect as vi
 
-SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.pt"
+SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
+REPORTED = ("loss", "loss_unclipped", "clip_fraction", "outside_band_fraction", "explained_variance", "mean_abs_error")
 
 
 def _arrays(seed=0, shape=(4, 6)):
@@ -41,10 +45,9 @@ def test_round_trip_each_format(tmp_path, suffix):
         safetensors_torch = pytest.importorskip("safetensors.torch")
         safetensors_torch.save_file({k: v.contiguous() for k, v in data.items()}, str(path))
     batch = vi.load_batch(path)
-    for key in ("values", "old_values", "returns"):
-        assert torch.equal(getattr(batch, key), data[key])
-    assert torch.equal(batch.action_mask, data["action_mask"])
-    assert batch.had_mask
+    for key in ("values", "old_values", "returns", "action_mask"):
+        np.testing.assert_array_equal(getattr(batch, key), data[key].numpy(), strict=True)
+    assert batch.had_mask and batch.dtype == "float32"
 
 
 def test_load_batch_bytes_matches_file(tmp_path):
@@ -52,7 +55,7 @@ def test_load_batch_bytes_matches_file(tmp_path):
     path = tmp_path / "b.pt"
     torch.save(_arrays(1), path)
     from_bytes = vi.load_batch_bytes(path.read_bytes(), "b.pt")
-    assert torch.equal(from_bytes.values, vi.load_batch(path).values)
+    np.testing.assert_array_equal(from_bytes.values, vi.load_batch(path).values, strict=True)
 
 
 def test_mask_alias_float_mask_and_one_dimensional_input():
@@ -60,7 +63,7 @@ def test_mask_alias_float_mask_and_one_dimensional_input():
     data = {k: v[0] for k, v in _arrays(2).items()}
     data["response_mask"] = data.pop("action_mask").float()
     batch = vi.validate_batch(data)
-    assert batch.values.shape == (1, 6) and batch.action_mask.dtype == torch.bool
+    assert batch.values.shape == (1, 6) and batch.action_mask.dtype == np.bool_
     assert batch.action_mask.sum() == data["response_mask"].sum()
 
 
@@ -206,20 +209,90 @@ def test_error_other_bad_contents():
         vi.validate_batch(empty)
 
 
+def test_validate_accepts_numpy_and_torch_alike():
+    """The same batch given as NumPy arrays or as torch tensors validates to equal arrays, copied from the input."""
+    data = _arrays(5)
+    from_torch = vi.validate_batch(data)
+    arrays = {k: v.numpy() for k, v in data.items()}
+    from_numpy = vi.validate_batch(arrays)
+    for key in ("values", "old_values", "returns", "action_mask"):
+        np.testing.assert_array_equal(getattr(from_torch, key), getattr(from_numpy, key), strict=True)
+    assert from_torch.dtype == from_numpy.dtype == "float32" and isinstance(from_torch.values, np.ndarray)
+    arrays["values"][0, 0] = 123.0
+    assert from_numpy.values[0, 0] != 123.0
+
+
+def test_half_precision_is_widened_and_named():
+    """bfloat16 tensors and float16 arrays become float32 arrays (exactly); dtype says what was loaded."""
+    data = _arrays(6)
+    bf16 = vi.validate_batch({**data, **{k: data[k].bfloat16() for k in ("values", "old_values", "returns")}})
+    assert bf16.dtype == "bfloat16" and bf16.values.dtype == np.float32
+    np.testing.assert_array_equal(bf16.values, data["values"].bfloat16().float().numpy())
+    f16 = vi.validate_batch({k: v.numpy().astype(np.float16) if k != "action_mask" else v.numpy()
+                             for k, v in data.items()})
+    assert f16.dtype == "float16" and f16.returns.dtype == np.float32
+    mixed = vi.validate_batch({**data, "returns": data["returns"].double()})
+    assert mixed.dtype == "float64" and mixed.values.dtype == np.float64
+    assert vi.inspect_batch(bf16).dtype == "bfloat16"
+
+
+def test_safetensors_bfloat16_falls_back_to_torch(tmp_path):
+    """A bfloat16 .safetensors file (NumPy has no bfloat16) loads through safetensors.torch as float32 values."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    data = {k: (v.bfloat16() if v.is_floating_point() else v).contiguous() for k, v in _arrays(7).items()}
+    path = tmp_path / "b.safetensors"
+    safetensors_torch.save_file(data, str(path))
+    batch = vi.load_batch(path)
+    assert batch.dtype == "bfloat16" and batch.values.dtype == np.float32
+    np.testing.assert_array_equal(batch.old_values, data["old_values"].float().numpy())
+    np.testing.assert_array_equal(batch.action_mask, data["action_mask"].numpy())
+
+
+def test_reading_npz_and_safetensors_needs_no_torch(tmp_path):
+    """Loading and reporting a .npz or a float32 .safetensors file leaves torch unimported (fresh interpreter)."""
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import save_file
+
+    arrays = {k: v.numpy() for k, v in _arrays(8).items()}
+    save_file(arrays, str(tmp_path / "b.safetensors"))
+    np.savez(tmp_path / "b.npz", **arrays)
+    code = (
+        "import sys\nfrom valueloss.inspect import format_report, inspect_batch, load_batch\n"
+        f"for name in ('b.npz', 'b.safetensors'):\n"
+        f"    print(inspect_batch(load_batch({str(tmp_path)!r} + '/' + name)).num_tokens)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    tokens = str(int(arrays["action_mask"].sum()))
+    assert out.stdout.split() == [tokens, tokens, "False"]
+
+
+def test_batch_tensors_gives_torch_copies():
+    """Batch.tensors() returns (values, old_values, returns, action_mask) as new torch tensors of the same data."""
+    batch = vi.synthetic_batch(seed=2, batch_size=3, max_len=7)
+    values, old_values, returns, mask = batch.tensors()
+    assert values.dtype == torch.float32 and mask.dtype == torch.bool
+    for tensor, array in zip((values, old_values, returns, mask),
+                             (batch.values, batch.old_values, batch.returns, batch.action_mask)):
+        np.testing.assert_array_equal(tensor.numpy(), array, strict=True)
+    values[0, 0] = 99.0
+    assert batch.values[0, 0] != 99.0
+
+
 # --------------------------------------------------------------------------- the report's numbers
 
 
 def _loop_regions(batch, eps):
     """Clipped (gradient zero) flags by the definition: outside the band and the clipped branch strictly larger."""
     flags = []
-    for vr, orow, rr in zip(batch.values.double().tolist(), batch.old_values.double().tolist(),
-                            batch.returns.double().tolist(), strict=True):
+    for vr, orow, rr in zip(batch.values.astype(float).tolist(), batch.old_values.astype(float).tolist(),
+                            batch.returns.astype(float).tolist(), strict=True):
         row = []
         for v, o, r in zip(vr, orow, rr, strict=True):
             vc = min(max(v, o - eps), o + eps)
             row.append(abs(v - o) > eps and (vc - r) ** 2 > (v - r) ** 2)
         flags.append(row)
-    return torch.tensor(flags)
+    return np.array(flags, dtype=bool)
 
 
 def test_report_numbers_match_loops():
@@ -230,36 +303,131 @@ def test_report_numbers_match_loops():
     mask = batch.action_mask
     assert report.num_tokens == int(mask.sum()) and report.num_sequences == 6
     clipped = _loop_regions(batch, eps) & mask
-    assert report.clip_fraction == pytest.approx(clipped.sum().item() / mask.sum().item(), rel=1e-6)
+    assert report.clip_fraction == pytest.approx(clipped.sum() / mask.sum(), rel=1e-12)
     terms_clip, terms_plain = [], []
-    for v, o, r in zip(batch.values[mask].double().tolist(), batch.old_values[mask].double().tolist(),
-                       batch.returns[mask].double().tolist(), strict=True):
+    for v, o, r in zip(batch.values[mask].astype(float).tolist(), batch.old_values[mask].astype(float).tolist(),
+                       batch.returns[mask].astype(float).tolist(), strict=True):
         vc = min(max(v, o - eps), o + eps)
         terms_clip.append(max((vc - r) ** 2, (v - r) ** 2))
         terms_plain.append((v - r) ** 2)
-    assert report.loss == pytest.approx(0.5 * sum(terms_clip) / len(terms_clip), rel=1e-5)
-    assert report.loss_unclipped == pytest.approx(0.5 * sum(terms_plain) / len(terms_plain), rel=1e-5)
-    normalized = ((batch.values - batch.old_values) / eps)[mask].numpy()
-    edges = np.array([-1e9 if e == -math.inf else 1e9 if e == math.inf else e for e in vi.HISTOGRAM_EDGES])
-    expected_counts = [int(((normalized >= lo) & (normalized < hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:],
-                                                                                          strict=True)]
+    assert report.loss == pytest.approx(0.5 * sum(terms_clip) / len(terms_clip), rel=1e-12)
+    assert report.loss_unclipped == pytest.approx(0.5 * sum(terms_plain) / len(terms_plain), rel=1e-12)
+    normalized = [(v - o) / eps for v, o in zip(batch.values[mask].astype(float).tolist(),
+                                                 batch.old_values[mask].astype(float).tolist(), strict=True)]
+    edges = vi.HISTOGRAM_EDGES
+    expected_counts = [sum(lo <= x < hi for x in normalized) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     assert report.histogram_counts == expected_counts
     for s in report.sequences:
         assert s.clipped == int(clipped[s.index].sum()) and s.tokens == int(mask[s.index].sum())
-        positions = clipped[s.index].nonzero().flatten().tolist()
+        positions = np.flatnonzero(clipped[s.index]).tolist()
         assert s.first_clipped_position == (positions[0] if positions else None)
+    assert report.tokens_per_sequence["median"] == sorted(mask.sum(1).tolist())[(6 - 1) // 2]
 
 
-def test_clip_fraction_by_position_sums_to_clip_count():
-    """Position bins partition the tokens: bin fraction times bin size sums to the clipped count."""
+def test_clip_fraction_by_position_against_loops():
+    """Each tenth's clip fraction is clipped / tokens among tokens whose rank / row length falls in that tenth."""
     batch = vi.synthetic_batch(seed=4, batch_size=5, max_len=30)
     report = vi.inspect_batch(batch, clip_eps=0.2)
-    rank = torch.cumsum(batch.action_mask.long(), 1) - 1
-    lengths = batch.action_mask.sum(1, keepdim=True)
-    bins = (rank.double() / lengths * 10).long().clamp(max=9)[batch.action_mask]
-    sizes = torch.bincount(bins, minlength=10).tolist()
-    total = sum(f * n for f, n in zip(report.clip_fraction_by_position, sizes, strict=True))
-    assert total == pytest.approx(sum(s.clipped for s in report.sequences))
+    clipped = _loop_regions(batch, 0.2)
+    tokens, hits = [0] * 10, [0] * 10
+    for row_mask, row_clipped in zip(batch.action_mask.tolist(), clipped.tolist(), strict=True):
+        n, rank = sum(row_mask), 0
+        for keep, c in zip(row_mask, row_clipped, strict=True):
+            if keep:
+                b = min(int(rank / n * 10), 9)
+                tokens[b] += 1
+                hits[b] += c
+                rank += 1
+    expected = [h / t if t else 0.0 for h, t in zip(hits, tokens, strict=True)]
+    assert report.clip_fraction_by_position == pytest.approx(expected, rel=1e-12)
+
+
+def _ragged(seed, batch_size, max_len, empty_rows=()):
+    """A float64 batch with random lengths (some rows possibly empty) and NaN in the padding."""
+    rng = np.random.default_rng(seed)
+    old = rng.normal(size=(batch_size, max_len))
+    values = old + 0.3 * rng.standard_t(3, size=old.shape)
+    returns = old + 0.5 * rng.normal(size=old.shape)
+    lengths = rng.integers(1, max_len + 1, size=batch_size)
+    lengths[list(empty_rows)] = 0
+    mask = np.arange(max_len)[None, :] < lengths[:, None]
+    values[~mask] = np.nan
+    return vi.Batch(values, old, returns, mask)
+
+
+GRID = [(0, 1, 1, ()), (1, 1, 7, ()), (2, 5, 9, (1, 3)), (3, 41, 401, (0, 17, 40)), (4, 8, 3, (7,))]
+
+
+@pytest.mark.parametrize("variant", functional.VARIANTS)
+@pytest.mark.parametrize("mode", functional.AGGREGATION_MODES)
+@pytest.mark.parametrize("case", GRID, ids=[f"{b}x{t}-empty{len(e)}" for _, b, t, e in GRID])
+def test_report_equals_diagnose_on_ragged_batches(case, mode, variant):
+    """Loss, clip fraction, share outside, EV and MAE equal valueloss.diagnose on float64 tensors (rtol 1e-6)."""
+    seed, batch_size, max_len, empty_rows = case
+    batch = _ragged(seed, batch_size, max_len, empty_rows)
+    values, old_values, returns, mask = batch.tensors()
+    for eps in (0.05, 0.3):
+        report = vi.inspect_batch(batch, clip_eps=eps, mode=mode, variant=variant)
+        expected = diagnose(values, old_values, returns, mask, clip_eps=eps, mode=mode, variant=variant).to_dict()
+        for key in REPORTED:
+            assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
+        assert report.num_tokens == expected["num_tokens"]
+
+
+DYADIC = st.integers(-12, 12).map(lambda k: k / 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(st.tuples(DYADIC, DYADIC, st.one_of(DYADIC, st.none()), st.booleans()), min_size=6, max_size=6),
+    eps=st.sampled_from([0.125, 0.25, 0.5, 1.0]),
+    mode=st.sampled_from(functional.AGGREGATION_MODES),
+    variant=st.sampled_from(functional.VARIANTS),
+)
+def test_report_equals_diagnose_with_ties_and_band_edges(data, eps, mode, variant):
+    """On eighths (|v - old| = eps happens exactly; returns None = the tie point) counts and losses equal diagnose's."""
+    # A return halfway between v and its clipped value makes both branches of the max equal (an exact tie).
+    data = [(v, o, (v + o + min(max(v - o, -eps), eps)) / 2 if r is None else r, m) for v, o, r, m in data]
+    values, old_values, returns, mask = (np.array(column).reshape(2, 3) for column in zip(*data))
+    mask[0, 0] = True
+    report = vi.inspect_batch(vi.Batch(values, old_values, returns, mask), clip_eps=eps, mode=mode, variant=variant)
+    tensors = [torch.from_numpy(a) for a in (values, old_values, returns, mask)]
+    expected = diagnose(*tensors, clip_eps=eps, mode=mode, variant=variant).to_dict()
+    for key in REPORTED:
+        assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
+
+
+def test_band_edge_and_tie_by_hand():
+    """|v - old| = eps is inside the band; an exact tie of the two branches is outside but keeps its gradient."""
+    # Tokens (old = 0, eps = 0.25): on the +edge, on the -edge, a tie (v = 0.75, R = 0.5), clipped, inside.
+    values = np.array([[0.25, -0.25, 0.75, 0.75, 0.125]])
+    returns = np.array([[1.0, -1.0, 0.5, 1.0, 0.0]])
+    report = vi.inspect_batch(vi.Batch(values, np.zeros_like(values), returns, np.ones((1, 5), bool)), clip_eps=0.25)
+    assert report.outside_band_fraction == pytest.approx(2 / 5) and report.clip_fraction == pytest.approx(1 / 5)
+    (row,) = report.sequences
+    assert (row.clipped, row.outside_unclipped, row.first_clipped_position) == (1, 1, 3)
+    # Histogram bins are [lo, hi): +1.0 counts in [+1.0, +1.5), -1.0 in [-1.0, -0.5); 3.0 in [+3.0, +inf).
+    counts = dict(zip(vi.HISTOGRAM_EDGES[:-1], report.histogram_counts, strict=True))
+    assert (counts[1.0], counts[-1.0], counts[3.0], counts[0.5]) == (1, 1, 2, 1)
+    thresholds = vi.clip_thresholds(values, np.zeros_like(values), returns)
+    np.testing.assert_array_equal(thresholds, [[0.25, 0.25, 0.25, 0.75, 0.0]])
+    assert vi.clip_fraction_curve(thresholds, [0.25, 0.2499]).tolist() == [1 / 5, 4 / 5]
+
+
+def test_sample_report_equals_diagnose_in_float32():
+    """On the float32 sample, the float64 report equals diagnose on the float32 tensors to rtol 1e-6, every mode."""
+    batch = vi.load_batch(SAMPLE)
+    tensors = batch.tensors()
+    for mode in functional.AGGREGATION_MODES:
+        report = vi.inspect_batch(batch, clip_eps=0.2, mode=mode)
+        expected = diagnose(*tensors, clip_eps=0.2, mode=mode).to_dict()
+        for key in REPORTED:
+            assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6), (mode, key)
+
+
+def test_torch_free_constants_match_functional():
+    """The mode and variant names repeated in valueloss.inspect (for a torch-free CLI) equal valueloss.functional's."""
+    assert vi.AGGREGATION_MODES == functional.AGGREGATION_MODES and vi.VARIANTS == functional.VARIANTS
 
 
 @pytest.mark.parametrize("variant", ["max", "clipped"])
@@ -267,17 +435,17 @@ def test_clip_thresholds_reproduce_the_clip_fraction_at_every_eps(variant):
     """share(threshold > eps) equals the clip fraction from the per-token definition, for many eps."""
     batch = vi.synthetic_batch(seed=5, batch_size=8, max_len=24)
     m = batch.action_mask
-    t = vi.clip_thresholds(batch.values.double(), batch.old_values.double(), batch.returns.double(),
-                           variant=variant)[m]
-    d = (batch.values.double() - batch.old_values.double())[m]
-    r = (batch.returns.double() - batch.old_values.double())[m]
+    v, o, r = (a.astype(np.float64) for a in (batch.values, batch.old_values, batch.returns))
+    t = vi.clip_thresholds(v, o, r, variant=variant)[m]
+    assert t.dtype == np.float64
+    d, res = (v - o)[m], (r - o)[m]
     for eps in (0.013, 0.05, 0.1, 0.2, 0.37, 0.8):
-        vc = d.clamp(-eps, eps)
-        outside = d.abs() > eps
-        clipped = outside if variant == "clipped" else outside & ((vc - r) ** 2 > (d - r) ** 2)
-        assert float((t > eps).double().mean()) == pytest.approx(float(clipped.double().mean()), abs=1.5 / int(m.sum()))
-        curve = vi.clip_fraction_curve(t, torch.tensor([eps]))
-        assert float(curve[0]) == pytest.approx(float((t > eps).double().mean()))
+        vc = np.clip(d, -eps, eps)
+        outside = np.abs(d) > eps
+        clipped = outside if variant == "clipped" else outside & ((vc - res) ** 2 > (d - res) ** 2)
+        assert (t > eps).mean() == pytest.approx(clipped.mean(), abs=1.5 / int(m.sum()))
+        curve = vi.clip_fraction_curve(t, [eps])
+        assert curve[0] == pytest.approx((t > eps).mean())
 
 
 def test_suggested_range_hits_the_target():
@@ -287,20 +455,28 @@ def test_suggested_range_hits_the_target():
     low, high = report.suggested_clip_eps
     assert 0 < low < high
     t = vi.clip_thresholds(batch.values, batch.old_values, batch.returns)[batch.action_mask]
-    n = t.numel()
-    assert float((t > low).double().mean()) == pytest.approx(0.2, abs=2 / n)
-    assert float((t > high).double().mean()) == pytest.approx(0.05, abs=2 / n)
+    n = t.size
+    assert (t > low).mean() == pytest.approx(0.2, abs=2 / n)
+    assert (t > high).mean() == pytest.approx(0.05, abs=2 / n)
     with pytest.raises(ValueError, match="target must be"):
         vi.suggest_clip_eps(t, (0.3, 0.1))
 
 
 def test_inspect_rejects_bad_settings():
-    """clip_eps must be positive and mode one of the aggregation modes."""
+    """clip_eps must be a positive finite number, mode one of the aggregation modes, shapes must agree."""
     batch = vi.synthetic_batch(seed=0, batch_size=2, max_len=5)
-    with pytest.raises(ValueError, match="clip_eps must be a positive number"):
-        vi.inspect_batch(batch, clip_eps=0)
-    with pytest.raises(ValueError, match="mode must be one of"):
+    for clip_eps in (0, -0.1, float("nan"), float("inf"), "0.2", True):
+        with pytest.raises(ValueError, match="clip_eps must be a positive number"):
+            vi.inspect_batch(batch, clip_eps=clip_eps)
+    with pytest.raises(ValueError, match="mode must be one of 'token-mean'"):
         vi.inspect_batch(batch, mode="mean")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        vi.inspect_batch(batch, variant="min")
+    short = vi.Batch(batch.values, batch.old_values, batch.returns[:, :4], batch.action_mask)
+    with pytest.raises(ValueError, match=r"same shape; got \[\(2, 5\), \(2, 5\), \(2, 4\)\]"):
+        vi.inspect_batch(short)
+    with pytest.raises(ValueError, match="selects no token"):
+        vi.inspect_batch(vi.Batch(batch.values, batch.old_values, batch.returns, np.zeros((2, 5), bool)))
 
 
 def test_report_json_and_text():
@@ -318,22 +494,26 @@ def test_report_json_and_text():
 
 
 def test_synthetic_batch_is_reproducible_and_ragged():
-    """Same seed, same tensors; lengths vary; padded positions are zero."""
+    """Same seed, same arrays; lengths vary; padded positions are zero."""
     a, b = vi.synthetic_batch(seed=7), vi.synthetic_batch(seed=7)
-    assert torch.equal(a.values, b.values) and torch.equal(a.action_mask, b.action_mask)
+    np.testing.assert_array_equal(a.values, b.values, strict=True)
+    np.testing.assert_array_equal(a.action_mask, b.action_mask, strict=True)
     lengths = a.action_mask.sum(1)
     assert lengths.min() < lengths.max()
-    assert torch.all(a.values[~a.action_mask] == 0)
-    assert not torch.equal(a.values, vi.synthetic_batch(seed=8).values)
+    assert np.all(a.values[~a.action_mask] == 0)
+    assert not np.array_equal(a.values, vi.synthetic_batch(seed=8).values)
 
 
 def test_shipped_sample_is_synthetic_seed_0_and_small():
-    """notebooks/data/sample_batch.pt is synthetic_batch(seed=0) saved with save_batch, under 1 MB."""
+    """notebooks/data/sample_batch.npz holds exactly synthetic_batch(seed=0)'s four arrays, bit for bit, under 1 MB."""
     assert SAMPLE.stat().st_size < 1_000_000
-    shipped = vi.load_batch(SAMPLE)
     fresh = vi.synthetic_batch(seed=0)
-    for key in ("values", "old_values", "returns", "action_mask"):
-        assert torch.equal(getattr(shipped, key), getattr(fresh, key)), key
+    with np.load(SAMPLE, allow_pickle=False) as archive:
+        assert sorted(archive.files) == ["action_mask", "old_values", "returns", "values"]
+        for key in archive.files:
+            shipped = archive[key]
+            assert shipped.dtype == (np.bool_ if key == "action_mask" else np.float32), key
+            assert shipped.shape == (24, 64) and shipped.tobytes() == getattr(fresh, key).tobytes(), key
 
 
 def test_sample_clip_fraction_is_realistic():
@@ -343,11 +523,14 @@ def test_sample_clip_fraction_is_realistic():
     assert 0.05 < report.clip_fraction < report.outside_band_fraction
 
 
-def test_save_batch_npz_round_trip(tmp_path):
-    """save_batch writes .npz too, and refuses other suffixes."""
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_save_batch_round_trip(tmp_path, suffix):
+    """save_batch writes .npz (NumPy) and .pt (torch) that load back bit for bit, and refuses other suffixes."""
     batch = vi.synthetic_batch(seed=1, batch_size=3, max_len=6)
-    vi.save_batch(batch, tmp_path / "b.npz")
-    assert torch.equal(vi.load_batch(tmp_path / "b.npz").returns, batch.returns)
+    vi.save_batch(batch, tmp_path / f"b{suffix}")
+    loaded = vi.load_batch(tmp_path / f"b{suffix}")
+    for key in ("values", "old_values", "returns", "action_mask"):
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(batch, key), strict=True)
     with pytest.raises(ValueError, match="must end in .pt, .pth or .npz"):
         vi.save_batch(batch, tmp_path / "b.txt")
 
@@ -375,18 +558,19 @@ def test_plot_report_artist_data(tmp_path):
     assert "0.2" in ax_hist.get_title()
 
 
-def test_import_does_not_load_matplotlib():
-    """import valueloss.inspect (and valueloss.cli, valueloss.peers) leaves matplotlib unloaded."""
-    code = "import sys, valueloss.inspect, valueloss.cli, valueloss.peers; print('matplotlib' in sys.modules)"
+def test_import_does_not_load_matplotlib_or_torch():
+    """import valueloss.inspect and valueloss.cli leaves matplotlib and torch unloaded (valueloss.peers: matplotlib)."""
+    code = ("import sys, valueloss.inspect, valueloss.cli; print('matplotlib' in sys.modules, 'torch' in sys.modules)\n"
+            "import valueloss.peers; print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "False", "False"]
 
 
 def test_analysing_the_sample_is_cheap():
-    """Loading, analysing and formatting the sample costs well under a second of CPU (torch import excluded)."""
+    """Loading, analysing and formatting the sample costs well under a second of CPU."""
     import time
 
-    vi.format_report(vi.inspect_batch(vi.load_batch(SAMPLE)))  # warm up lazy torch kernels
+    vi.format_report(vi.inspect_batch(vi.load_batch(SAMPLE)))  # warm up
     start = time.process_time()
     vi.format_report(vi.inspect_batch(vi.load_batch(SAMPLE), clip_eps=0.2))
     assert time.process_time() - start < 0.5

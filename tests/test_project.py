@@ -92,3 +92,27 @@ def test_packaging_files_exist():
     assert "MIT License" in (ROOT / "LICENSE").read_text()
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data["valueloss"]
+
+
+def test_exports_are_lazy_and_the_command_line_needs_no_torch():
+    """`import valueloss, valueloss.cli, valueloss.inspect` leaves torch unloaded; the exports still resolve."""
+    code = (
+        "import sys, valueloss, valueloss.cli, valueloss.inspect\n"
+        "print('torch' in sys.modules)\n"
+        "from valueloss import ValueLoss, ValueLossDiagnostics, Region, diagnose, functional\n"
+        "import valueloss.diagnostics as d, valueloss.functional as f, valueloss.loss as l\n"
+        "print('torch' in sys.modules, valueloss.__version__)\n"
+        "print(ValueLoss is l.ValueLoss, diagnose is d.diagnose, ValueLossDiagnostics is d.ValueLossDiagnostics,\n"
+        "      Region is f.Region, functional is f, set(valueloss.__all__) <= set(dir(valueloss)))\n"
+        "try:\n"
+        "    valueloss.no_such_name\n"
+        "except AttributeError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [
+        "False",
+        "True 0.1.0",
+        "True True True True True True",
+        "module 'valueloss' has no attribute 'no_such_name'",
+    ]

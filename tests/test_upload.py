@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("ipywidgets")
 
 from valueloss.inspect import synthetic_batch  # noqa: E402
 from valueloss.upload import batch_upload_explorer  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.pt"
+SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
 
 def _upload_value(name, data):
@@ -23,8 +22,8 @@ def _upload_value(name, data):
 
 def _npz_bytes(batch):
     buffer = io.BytesIO()
-    np.savez(buffer, values=batch.values.numpy(), old_values=batch.old_values.numpy(),
-             returns=batch.returns.numpy(), action_mask=batch.action_mask.numpy())
+    np.savez(buffer, values=batch.values, old_values=batch.old_values, returns=batch.returns,
+             action_mask=batch.action_mask)
     return buffer.getvalue()
 
 
@@ -62,4 +61,4 @@ def test_clip_eps_slider_recomputes():
 def test_default_explorer_is_the_shipped_sample():
     """Without a path the explorer shows synthetic_batch(seed=0), the batch shipped as the sample."""
     explorer = batch_upload_explorer()
-    assert torch.equal(explorer.batch.values, synthetic_batch(seed=0).values)
+    np.testing.assert_array_equal(explorer.batch.values, synthetic_batch(seed=0).values, strict=True)

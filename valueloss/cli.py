@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .functional import AGGREGATION_MODES
+from .inspect import AGGREGATION_MODES
 
 __all__ = ["build_parser", "main"]
 

@@ -8,33 +8,45 @@ floating point) and optionally ``action_mask`` (bool or 0/1; aliases ``response_
 with a message naming the key and what was expected; :func:`inspect_batch` computes an
 :class:`InspectReport`; the command line ``valueloss inspect BATCH`` prints it.
 
+The report is computed with NumPy in float64 and mirrors the torch code of the package
+(:func:`valueloss.diagnose`, :func:`valueloss.functional.clip_regions` and
+:func:`valueloss.functional.aggregate`; ``tests/test_inspect.py`` checks that they agree). This
+module imports torch only when it has to: to read a ``.pt`` file, a ``.safetensors`` file holding a
+dtype NumPy lacks (bfloat16), to accept torch tensors, or in :meth:`Batch.tensors` and
+:func:`synthetic_batch`. So ``valueloss inspect batch.npz`` never pays torch's import time.
+
 The suggested ``clip_eps`` range comes from a closed form: with ``d = v - old`` and
 ``r = R - old``, a token's gradient is killed by the ``max`` form exactly when
 ``clip_eps < min(|d|, sign(d) * (2 r - d))`` (for ``variant="clipped"``: when ``clip_eps < |d|``).
 So the clip fraction as a function of ``clip_eps`` is the survival function of these per-token
 thresholds (:func:`clip_thresholds`), and a target clip fraction maps to a quantile.
 
-``synthetic_batch`` generates the sample batch shipped in ``notebooks/data/sample_batch.pt``.
+``synthetic_batch`` generates the sample batch shipped in ``notebooks/data/sample_batch.npz``.
 This module does not import matplotlib until :func:`plot_report` is called.
+
+>>> batch = validate_batch({"values": np.array([0.5, 0.1]), "old_values": np.zeros(2), "returns": np.ones(2)})
+>>> report = inspect_batch(batch, clip_eps=0.2)
+>>> report.clip_fraction, report.outside_band_fraction, round(report.loss, 6)
+(0.5, 0.5, 0.3625)
 """
 
 from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from . import functional as F
-from .diagnostics import diagnose
-from .functional import Region
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "MASK_ALIASES",
@@ -58,8 +70,15 @@ __all__ = [
 REQUIRED_KEYS = ("values", "old_values", "returns")
 MASK_ALIASES = ("action_mask", "response_mask", "loss_mask", "mask")
 SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
+AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+"""``valueloss.functional.AGGREGATION_MODES``, repeated so that the command line needs no torch (a test checks)."""
+VARIANTS = ("max", "clipped")
+"""``valueloss.functional.VARIANTS``, repeated for the same reason."""
 HISTOGRAM_EDGES = (-math.inf, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
-"""Bin edges of the histogram of ``(values - old_values) / clip_eps``; the band is ``[-1, 1]``."""
+"""Bin edges of the histogram of ``(values - old_values) / clip_eps``; bins are ``[lo, hi)`` as printed.
+
+The band is ``[-1, 1]`` (closed), so a token exactly at ``+clip_eps`` is inside the band but counted
+in ``[+1.0, +1.5)``."""
 POSITION_BINS = 10
 
 
@@ -69,38 +88,71 @@ class BatchError(ValueError):
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated batch: float tensors of one shape ``(B, T)`` and a bool mask of that shape."""
+    """A validated batch: NumPy float arrays of one shape ``(B, T)`` and a bool mask of that shape.
 
-    values: Tensor
-    old_values: Tensor
-    returns: Tensor
-    action_mask: Tensor
+    ``values``, ``old_values`` and ``returns`` share one float dtype: float32 or float64 (half
+    precision, bfloat16 and float8 are widened to float32, exactly). ``dtype`` names what was
+    loaded (for example ``"float32"`` or ``"bfloat16"``); it defaults to the dtype of ``values``.
+    :meth:`tensors` gives torch tensors, e.g. for :func:`valueloss.diagnose`.
+    """
+
+    values: np.ndarray
+    old_values: np.ndarray
+    returns: np.ndarray
+    action_mask: np.ndarray
     source: str = "<memory>"
     ignored_keys: tuple[str, ...] = ()
     had_mask: bool = True
     """False when the file held no mask (every token counts)."""
+    dtype: str = ""
+    """The floating-point dtype that was loaded (before half precision was widened to float32)."""
+
+    def __post_init__(self) -> None:
+        if not self.dtype:
+            object.__setattr__(self, "dtype", np.asarray(self.values).dtype.name)
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(values, old_values, returns, action_mask)`` as new CPU torch tensors (imports torch).
+
+        The float tensors keep the arrays' dtype (float32 for a float32 or bfloat16 file); the mask is bool.
+        """
+        import torch
+
+        arrays = (self.values, self.old_values, self.returns, self.action_mask)
+        return tuple(torch.from_numpy(np.array(a, copy=True)) for a in arrays)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _to_tensor(name: str, obj: object) -> Tensor:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
+def _to_array(source: str, name: str, obj: object) -> tuple[np.ndarray, str]:
+    """``obj`` as a NumPy array, and the dtype it arrived in (``"torch.bfloat16"`` for a torch tensor)."""
+    torch = sys.modules.get("torch")  # a torch tensor can only exist if torch was imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu()
+        arrived = str(tensor.dtype)
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+            tensor = tensor.float()  # bfloat16, float8: NumPy has no such dtype; float32 holds them exactly
+        try:
+            return tensor.numpy(), arrived
+        except TypeError as error:
+            raise BatchError(f"{source}: {name} has dtype {arrived}, which NumPy cannot hold") from error
     if isinstance(obj, np.ndarray):
         if obj.dtype == object:
-            raise BatchError(f"{name} must be a numeric array; got an object array")
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    raise BatchError(f"{name} must be a tensor or array; got {type(obj).__name__}")
+            raise BatchError(f"{source}: {name} must be a numeric array; got an object array")
+        return obj, obj.dtype.name
+    raise BatchError(f"{source}: {name} must be a tensor or array; got {type(obj).__name__}")
 
 
 def validate_batch(mapping: object, *, source: str = "<memory>") -> Batch:
-    """Check a mapping of arrays/tensors and return a :class:`Batch`, or raise :class:`BatchError`.
+    """Check a mapping of NumPy arrays or torch tensors and return a :class:`Batch`, or raise :class:`BatchError`.
 
     Checks: it is a mapping; the keys ``values``, ``old_values``, ``returns`` exist; they are
     floating point with 1 or 2 dimensions and the same non-empty shape; the mask (if any) has that
     shape and holds only 0/1; no NaN/inf at unmasked positions; at least one unmasked token.
     1-D inputs are treated as a single sequence ``(1, T)``. Other keys are ignored (and listed).
+    Torch tensors are moved to the CPU and converted (bfloat16 to float32, with ``dtype="bfloat16"``);
+    the arrays of the returned batch are copies.
     """
     if not isinstance(mapping, Mapping):
         raise BatchError(
@@ -116,67 +168,96 @@ def validate_batch(mapping: object, *, source: str = "<memory>") -> Batch:
         raise BatchError(f"{source}: found several masks ({', '.join(mask_keys)}); keep exactly one")
     mask_key = mask_keys[0] if mask_keys else None
 
-    tensors = {}
+    arrays, arrived = {}, []
     for key in REQUIRED_KEYS:
-        t = _to_tensor(key, mapping[key])
-        if not t.is_floating_point():
-            raise BatchError(f"{source}: {key} must be floating point; got dtype {t.dtype}")
-        tensors[key] = t
-    shape = tensors["values"].shape
+        array, dtype = _to_array(source, key, mapping[key])
+        if array.dtype.kind != "f":
+            raise BatchError(f"{source}: {key} must be floating point; got dtype {dtype}")
+        arrays[key] = array
+        arrived.append(dtype.removeprefix("torch."))
+    shape = arrays["values"].shape
     if len(shape) not in (1, 2):
         raise BatchError(f"{source}: values must have shape (B, T) or (T,); got {tuple(shape)}")
     if 0 in shape:
         raise BatchError(f"{source}: values is empty; got shape {tuple(shape)}")
     for key in REQUIRED_KEYS[1:]:
-        if tensors[key].shape != shape:
+        if arrays[key].shape != shape:
             raise BatchError(
                 f"{source}: values and {key} must have the same shape; "
-                f"got {tuple(shape)} and {tuple(tensors[key].shape)}"
+                f"got {tuple(shape)} and {tuple(arrays[key].shape)}"
             )
 
     if mask_key is None:
-        mask = torch.ones(shape, dtype=torch.bool)
+        mask = np.ones(shape, dtype=bool)
     else:
-        raw = _to_tensor(mask_key, mapping[mask_key])
+        raw, raw_dtype = _to_array(source, mask_key, mapping[mask_key])
         if raw.shape != shape:
             raise BatchError(
                 f"{source}: values and {mask_key} must have the same shape; got {tuple(shape)} and {tuple(raw.shape)}"
             )
-        if raw.is_complex():
-            raise BatchError(f"{source}: {mask_key} must be bool or 0/1; got dtype {raw.dtype}")
-        if raw.dtype != torch.bool:
+        if raw.dtype.kind not in "biuf":
+            raise BatchError(f"{source}: {mask_key} must be bool or 0/1; got dtype {raw_dtype}")
+        if raw.dtype != bool:
             bad = ~((raw == 0) | (raw == 1))
-            if bool(bad.any()):
-                example = raw[bad].flatten()[0].item()
+            if bad.any():
+                example = raw[bad][0].item()
                 raise BatchError(f"{source}: {mask_key} must hold only 0/1 (or bool); got the value {example!r}")
         mask = raw != 0
 
     if len(shape) == 1:
-        tensors = {key: t.unsqueeze(0) for key, t in tensors.items()}
-        mask = mask.unsqueeze(0)
-    if not bool(mask.any()):
+        arrays = {key: a[None, :] for key, a in arrays.items()}
+        mask = mask[None, :]
+    if not mask.any():
         raise BatchError(f"{source}: {mask_key} selects no token (all zeros); nothing to inspect")
     for key in REQUIRED_KEYS:
-        bad = mask & ~torch.isfinite(tensors[key])
-        if bool(bad.any()):
-            first = tuple(int(i) for i in bad.nonzero()[0])
+        bad = mask & ~np.isfinite(arrays[key])
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise BatchError(
                 f"{source}: {key} has {int(bad.sum())} NaN/inf value(s) at unmasked positions (first at {first})"
             )
     ignored = tuple(sorted(str(k) for k in mapping if k not in REQUIRED_KEYS and k != mask_key))
-    dtype = F._compute_dtype(*tensors.values())
+    # Like valueloss.functional._compute_dtype: promote, and hold half precision in float32.
+    dtype = np.result_type(*arrays.values())
+    if dtype.itemsize < 4:
+        dtype = np.dtype(np.float32)
     return Batch(
-        *(tensors[key].to(dtype) for key in REQUIRED_KEYS),
-        action_mask=mask,
+        *(np.array(arrays[key], dtype=dtype) for key in REQUIRED_KEYS),
+        action_mask=np.array(mask, dtype=bool),
         source=source,
         ignored_keys=ignored,
         had_mask=mask_key is not None,
+        dtype=arrived[0] if len(set(arrived)) == 1 else dtype.name,
     )
+
+
+def _read_safetensors(raw: bytes, source: str) -> object:
+    """Read with ``safetensors.numpy``; only a dtype NumPy lacks (bfloat16, float8) needs ``safetensors.torch``."""
+    try:
+        from safetensors.numpy import load as load_numpy
+    except ImportError as error:
+        raise BatchError(
+            f"{source}: reading .safetensors needs the safetensors package (pip install 'valueloss[io]')"
+        ) from error
+    try:
+        return load_numpy(raw)
+    except KeyError:
+        pass  # safetensors.numpy has no NumPy dtype for this file's dtype name (e.g. 'BF16'): read it with torch
+    except Exception as error:  # noqa: BLE001 -- any failure here means "not a safetensors file"
+        raise BatchError(f"{source}: not a safetensors file ({type(error).__name__}: {error})") from error
+    try:
+        from safetensors.torch import load as load_torch
+
+        return load_torch(raw)
+    except Exception as error:  # noqa: BLE001
+        raise BatchError(f"{source}: not a safetensors file ({type(error).__name__}: {error})") from error
 
 
 def _read(data: bytes | os.PathLike | str, suffix: str, source: str) -> object:
     buffer = io.BytesIO(data) if isinstance(data, bytes) else data
     if suffix in (".pt", ".pth"):
+        import torch  # only .pt files need torch to be read
+
         try:
             return torch.load(buffer, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 -- any failure here means "not a loadable batch"
@@ -191,17 +272,7 @@ def _read(data: bytes | os.PathLike | str, suffix: str, source: str) -> object:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
             raise BatchError(f"{source}: not a NumPy .npz archive ({type(error).__name__}: {error})") from error
     if suffix == ".safetensors":
-        try:
-            from safetensors.torch import load as load_safetensors
-        except ImportError as error:
-            raise BatchError(
-                f"{source}: reading .safetensors needs the safetensors package (pip install 'valueloss[io]')"
-            ) from error
-        try:
-            raw = data if isinstance(data, bytes) else Path(data).read_bytes()
-            return load_safetensors(raw)
-        except Exception as error:  # noqa: BLE001
-            raise BatchError(f"{source}: not a safetensors file ({type(error).__name__}: {error})") from error
+        return _read_safetensors(data if isinstance(data, bytes) else Path(data).read_bytes(), source)
     raise BatchError(f"{source}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}")
 
 
@@ -221,18 +292,20 @@ def load_batch_bytes(data: bytes, filename: str) -> Batch:
 
 
 def save_batch(batch: Batch, path: str | os.PathLike) -> None:
-    """Save a batch as ``.pt`` (a dict of tensors, loadable with ``weights_only=True``) or ``.npz``."""
+    """Save a batch as ``.npz`` (NumPy) or ``.pt`` (a dict of tensors, loadable with ``weights_only=True``)."""
     path = Path(path)
-    tensors = {
-        "values": batch.values,
-        "old_values": batch.old_values,
-        "returns": batch.returns,
-        "action_mask": batch.action_mask,
+    arrays = {
+        "values": np.asarray(batch.values),
+        "old_values": np.asarray(batch.old_values),
+        "returns": np.asarray(batch.returns),
+        "action_mask": np.asarray(batch.action_mask, dtype=bool),
     }
     if path.suffix == ".npz":
-        np.savez(path, **{key: t.numpy() for key, t in tensors.items()})
+        np.savez(path, **arrays)
     elif path.suffix in (".pt", ".pth"):
-        torch.save({key: t.contiguous().clone() for key, t in tensors.items()}, path)
+        import torch
+
+        torch.save({key: torch.from_numpy(np.array(a, copy=True)) for key, a in arrays.items()}, path)
     else:
         raise ValueError(f"path must end in .pt, .pth or .npz; got {path.name!r}")
 
@@ -262,11 +335,14 @@ def synthetic_batch(
     is the critic after one optimiser step: it moves ``learning_rate`` of the way from
     ``old_values`` to ``returns`` plus heavy-tailed (Student-t, 3 dof) noise of scale
     ``drift_noise``, so a realistic share of tokens leaves a ``clip_eps=0.2`` band.
+    Drawn with torch's generator (imported here), so the sample stays bit-identical to the one shipped.
     """
     if batch_size < 1 or min_len < 1 or max_len < min_len:
         raise ValueError(
             f"need batch_size >= 1 and 1 <= min_len <= max_len; got {batch_size}, {min_len}, {max_len}"
         )
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch_size,), generator=generator)
     positions = torch.arange(max_len)
@@ -304,55 +380,134 @@ def synthetic_batch(
     heavy = normal / torch.sqrt(chi2 / 3.0)
     values = torch.where(mask, old_values + learning_rate * (returns - old_values) + drift_noise * heavy, 0.0)
     return Batch(
-        values=values.float(),
-        old_values=old_values.float(),
-        returns=returns.float(),
-        action_mask=mask,
+        values=values.float().numpy(),
+        old_values=old_values.float().numpy(),
+        returns=returns.float().numpy(),
+        action_mask=mask.numpy(),
         source=f"synthetic_batch(seed={seed})",
+        dtype="float32",
     )
 
 
-# --------------------------------------------------------------------------- the analysis
+# --------------------------------------------------------------------------- the analysis (NumPy, float64)
 
 
-def clip_thresholds(values: Tensor, old_values: Tensor, returns: Tensor, *, variant: str = "max") -> Tensor:
+def _check_choice(value: object, choices: tuple, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _float64(*arrays: object) -> list[np.ndarray]:
+    """The arrays (NumPy, or CPU torch tensors) in float64, checked to share one shape (never broadcast)."""
+    out = [np.asarray(a, dtype=np.float64) for a in arrays]
+    if any(a.shape != out[0].shape for a in out):
+        raise ValueError(f"values, old_values and returns must have the same shape; got {[a.shape for a in out]}")
+    return out
+
+
+def _safe(count: float) -> float:
+    """A denominator that is 1 where the count is 0, so empty masks give 0 (``functional._safe_denominator``)."""
+    return count if count > 0 else 1.0
+
+
+def _aggregate(loss_mat: np.ndarray, mask: np.ndarray, mode: str) -> float:
+    """NumPy mirror of :func:`valueloss.functional.aggregate` with ``dp_size=1`` and the local counts.
+
+    ``loss_mat`` is already zero at masked-out tokens. token-mean: ``sum / N``; token-sum: ``sum``;
+    seq-mean-token-mean: mean over non-empty rows of the row mean; seq-mean-token-sum: mean over
+    non-empty rows of the row sum; seq-mean-token-sum-norm: that divided by ``T``.
+    """
+    weights = mask.astype(np.float64)
+    masked = weights * loss_mat
+    if mode in ("token-mean", "token-sum"):
+        total = float(masked.sum())
+        return total if mode == "token-sum" else total / _safe(float(weights.sum()))
+    seq_sums = masked.sum(axis=-1)
+    seq_counts = weights.sum(axis=-1)
+    nonempty = seq_counts > 0
+    seq_losses = seq_sums / np.where(nonempty, seq_counts, 1.0) if mode == "seq-mean-token-mean" else seq_sums
+    loss = float(np.where(nonempty, seq_losses, 0.0).sum()) / _safe(float(nonempty.sum()))
+    if mode == "seq-mean-token-sum-norm":
+        loss /= max(loss_mat.shape[-1], 1)
+    return loss
+
+
+def _token_losses(
+    values: np.ndarray, old_values: np.ndarray, returns: np.ndarray, clip_eps: float, variant: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token squared loss with and without clipping, and the outside / clipped flags.
+
+    Mirrors ``valueloss.functional._elementwise`` and ``_regions`` step by step (same operations in
+    the same order): outside the closed band means ``|d| > clip_eps``; clipped means outside and
+    the clipped branch strictly larger (every outside token for ``variant="clipped"``).
+    """
+    delta = values - old_values
+    loss_unclipped = (values - returns) ** 2
+    values_clipped = old_values + np.clip(delta, -clip_eps, clip_eps)
+    loss_clipped = (values_clipped - returns) ** 2
+    outside = (delta < -clip_eps) | (delta > clip_eps)
+    if variant == "clipped":
+        return loss_clipped, loss_unclipped, outside, outside
+    return np.maximum(loss_clipped, loss_unclipped), loss_unclipped, outside, outside & (loss_clipped > loss_unclipped)
+
+
+def _explained_variance(values: np.ndarray, returns: np.ndarray, weights: np.ndarray) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the mask, 0 if ``Var(returns)`` is 0 (as :func:`diagnose`)."""
+    count = _safe(float(weights.sum()))
+    var_returns = float((weights * (returns - (weights * returns).sum() / count) ** 2).sum()) / count
+    residual = returns - values
+    var_residual = float((weights * (residual - (weights * residual).sum() / count) ** 2).sum()) / count
+    return 1.0 - var_residual / var_returns if var_returns > 0 else 0.0
+
+
+def clip_thresholds(values: object, old_values: object, returns: object, *, variant: str = "max") -> np.ndarray:
     """Per token, the largest ``clip_eps`` at which clipping kills its gradient (0 if it never does).
 
     For the squared loss with ``variant="max"``: ``t = max(0, min(|d|, sign(d) * (2 r - d)))`` with
     ``d = values - old_values`` and ``r = returns - old_values``; the token is in
-    :attr:`Region.CLIPPED` exactly when ``clip_eps < t``. For ``variant="clipped"``: ``t = |d|``.
+    :attr:`valueloss.Region.CLIPPED` exactly when ``clip_eps < t``. For ``variant="clipped"``:
+    ``t = |d|``. Inputs are NumPy arrays (or CPU tensors) of one shape; the result is float64.
+
+    >>> clip_thresholds(np.array([0.5, 0.5, -0.1]), np.zeros(3), np.array([1.0, 0.3, 0.0]))
+    array([0.5, 0.1, 0. ])
     """
-    F._check_choice(variant, F.VARIANTS, "variant")
+    _check_choice(variant, VARIANTS, "variant")
+    values, old_values, returns = _float64(values, old_values, returns)
     delta = values - old_values
     if variant == "clipped":
-        return delta.abs()
+        return np.abs(delta)
     residual = returns - old_values
-    threshold = torch.minimum(delta.abs(), torch.sign(delta) * (2 * residual - delta))
-    return threshold.clamp(min=0)
+    threshold = np.minimum(np.abs(delta), np.sign(delta) * (2 * residual - delta))
+    return np.maximum(threshold, 0.0)
 
 
-def clip_fraction_curve(thresholds: Tensor, clip_eps: Tensor) -> Tensor:
-    """Clip fraction at each ``clip_eps``: the share of ``thresholds`` strictly above it."""
-    ordered = torch.sort(thresholds.flatten().double()).values
-    above = ordered.numel() - torch.searchsorted(ordered, clip_eps.double(), right=True)
-    return above.double() / max(ordered.numel(), 1)
+def clip_fraction_curve(thresholds: object, clip_eps: object) -> np.ndarray:
+    """Clip fraction at each ``clip_eps``: the share of ``thresholds`` strictly above it (float64).
+
+    >>> clip_fraction_curve(np.array([0.0, 0.1, 0.3, 0.5]), [0.0, 0.1, 0.4])
+    array([0.75, 0.5 , 0.25])
+    """
+    ordered = np.sort(np.asarray(thresholds, dtype=np.float64).ravel())
+    above = ordered.size - np.searchsorted(ordered, np.asarray(clip_eps, dtype=np.float64), side="right")
+    return above / max(ordered.size, 1)
 
 
-def suggest_clip_eps(thresholds: Tensor, target: tuple[float, float] = (0.05, 0.15)) -> tuple[float, float]:
+def suggest_clip_eps(thresholds: object, target: tuple[float, float] = (0.05, 0.15)) -> tuple[float, float]:
     """The ``clip_eps`` interval whose clip fraction lies in ``target = (low, high)``.
 
     The clip fraction falls as ``clip_eps`` grows, so the low end of the returned interval gives
     the ``high`` fraction and vice versa. Uses quantiles of :func:`clip_thresholds` (linear
-    interpolation). A returned bound of 0.0 means even ``clip_eps -> 0`` does not reach that
-    fraction (too few tokens ever clip).
+    interpolation, as ``numpy.quantile`` and ``torch.quantile`` by default). A returned bound of 0.0
+    means even ``clip_eps -> 0`` does not reach that fraction (too few tokens ever clip).
     """
     low, high = (float(x) for x in target)
     if not 0 <= low <= high <= 1:
         raise ValueError(f"target must be (low, high) with 0 <= low <= high <= 1; got {target!r}")
-    flat = thresholds.flatten().double()
-    eps_for_high = float(torch.quantile(flat, 1 - high)) if flat.numel() else 0.0
-    eps_for_low = float(torch.quantile(flat, 1 - low)) if flat.numel() else 0.0
-    return eps_for_high, eps_for_low
+    flat = np.asarray(thresholds, dtype=np.float64).ravel()
+    if not flat.size:
+        return 0.0, 0.0
+    return float(np.quantile(flat, 1 - high)), float(np.quantile(flat, 1 - low))
 
 
 @dataclass(frozen=True)
@@ -415,6 +570,33 @@ class InspectReport:
         return out
 
 
+def _sequence_stats(clipped: np.ndarray, outside_live: np.ndarray, lengths: np.ndarray) -> list[SequenceStats]:
+    clipped_counts = clipped.sum(axis=1)
+    live_counts = outside_live.sum(axis=1)
+    first = clipped.argmax(axis=1)
+    return [
+        SequenceStats(
+            index=i,
+            tokens=int(n),
+            clipped=int(c),
+            outside_unclipped=int(live),
+            clip_fraction=int(c) / int(n) if n else 0.0,
+            first_clipped_position=int(f) if c else None,
+        )
+        for i, (n, c, live, f) in enumerate(zip(lengths, clipped_counts, live_counts, first))
+    ]
+
+
+def _clip_fraction_by_position(mask: np.ndarray, clipped: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Clip fraction per tenth of the responses; a token's relative position is its rank / its row's count."""
+    rank = np.cumsum(mask, axis=1) - 1
+    relative = rank / np.maximum(lengths, 1)[:, None]
+    position_bin = np.minimum((relative * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)[mask]
+    per_bin_tokens = np.bincount(position_bin, minlength=POSITION_BINS).astype(np.float64)
+    per_bin_clipped = np.bincount(position_bin, weights=clipped[mask].astype(np.float64), minlength=POSITION_BINS)
+    return np.where(per_bin_tokens > 0, per_bin_clipped / np.maximum(per_bin_tokens, 1), 0.0)
+
+
 def inspect_batch(
     batch: Batch,
     *,
@@ -423,86 +605,79 @@ def inspect_batch(
     variant: str = "max",
     target_clip_fraction: tuple[float, float] = (0.05, 0.15),
 ) -> InspectReport:
-    """Compute the :class:`InspectReport` of a validated batch (see the module docstring)."""
-    clip_eps = F.check_clip_eps(clip_eps)
-    if clip_eps is None or clip_eps == 0:
+    """Compute the :class:`InspectReport` of a validated batch (see the module docstring).
+
+    Everything is computed in float64 with NumPy. ``loss``, ``loss_unclipped``, ``clip_fraction``,
+    ``outside_band_fraction``, ``explained_variance`` and ``mean_abs_error`` are those of
+    :func:`valueloss.diagnose` with the default squared loss and ``scale=0.5`` (equal to rounding
+    when ``diagnose`` gets float64 tensors; within float32 rounding for float32 ones).
+    """
+    if isinstance(clip_eps, bool) or not isinstance(clip_eps, numbers.Real) or not 0 < float(clip_eps) < math.inf:
         raise ValueError(f"clip_eps must be a positive number to inspect clipping; got {clip_eps!r}")
-    F._check_choice(mode, F.AGGREGATION_MODES, "mode")
-    values, old_values, returns, mask = batch.values, batch.old_values, batch.returns, batch.action_mask
-    stats = diagnose(values, old_values, returns, mask, clip_eps=clip_eps, variant=variant, mode=mode).to_dict()
-    safe = [torch.where(mask, t, 0.0) for t in (values, old_values, returns)]
-    regions = F.clip_regions(*safe, clip_eps=clip_eps, variant=variant)
-    clipped = (regions == Region.CLIPPED) & mask
-    outside_live = (regions == Region.UNCLIPPED) & mask
-
-    normalized = ((safe[0] - safe[1]) / clip_eps)[mask]
-    edges = torch.tensor(HISTOGRAM_EDGES, dtype=torch.float64)
-    bins = torch.bucketize(normalized.double(), edges[1:-1], right=False)
-    counts = torch.bincount(bins, minlength=len(HISTOGRAM_EDGES) - 1)
-
-    lengths = mask.sum(dim=1)
-    sequences = []
-    for i in range(mask.shape[0]):
-        n = int(lengths[i])
-        c = int(clipped[i].sum())
-        first = int(clipped[i].nonzero()[0, 0]) if c else None
-        sequences.append(
-            SequenceStats(
-                index=i,
-                tokens=n,
-                clipped=c,
-                outside_unclipped=int(outside_live[i].sum()),
-                clip_fraction=c / n if n else 0.0,
-                first_clipped_position=first,
-            )
+    clip_eps = float(clip_eps)
+    _check_choice(mode, AGGREGATION_MODES, "mode")
+    _check_choice(variant, VARIANTS, "variant")
+    mask = np.asarray(batch.action_mask, dtype=bool)
+    arrays = _float64(batch.values, batch.old_values, batch.returns)
+    if mask.ndim != 2 or arrays[0].shape != mask.shape:
+        raise ValueError(
+            f"values and action_mask must have the same shape (B, T); got {arrays[0].shape} and {mask.shape}"
         )
+    if not mask.any():
+        raise ValueError("action_mask selects no token; nothing to inspect")
+    # Zero the masked-out tokens first, so that NaN/inf in padding cannot leak (functional._prepare).
+    values, old_values, returns = (np.where(mask, a, 0.0) for a in arrays)
+    weights = mask.astype(np.float64)
+    num_tokens = float(weights.sum())
 
-    # Relative position of each unmasked token inside its own response (rank / count).
-    rank = torch.cumsum(mask.long(), dim=1) - 1
-    relative = rank.double() / lengths.clamp(min=1)[:, None].double()
-    position_bin = (relative * POSITION_BINS).long().clamp(max=POSITION_BINS - 1)[mask]
-    per_bin_tokens = torch.bincount(position_bin, minlength=POSITION_BINS).double()
-    per_bin_clipped = torch.bincount(position_bin, weights=clipped[mask].double(), minlength=POSITION_BINS)
-    by_position = torch.where(per_bin_tokens > 0, per_bin_clipped / per_bin_tokens.clamp(min=1), 0.0)
+    loss_mat, loss_unclipped_mat, outside, clipped = _token_losses(values, old_values, returns, clip_eps, variant)
+    clipped &= mask
+    outside &= mask
+    residual = returns - values
 
-    thresholds = clip_thresholds(*safe, variant=variant)[mask]
+    normalized = ((values - old_values) / clip_eps)[mask]
+    inner_edges = np.asarray(HISTOGRAM_EDGES[1:-1])
+    counts = np.bincount(np.searchsorted(inner_edges, normalized, side="right"), minlength=len(HISTOGRAM_EDGES) - 1)
+
+    lengths = mask.sum(axis=1)
+    thresholds = clip_thresholds(values, old_values, returns, variant=variant)[mask]
     suggestion = suggest_clip_eps(thresholds, target_clip_fraction)
     top = max(float(thresholds.max()), 2 * clip_eps, 1e-6)
-    curve_eps = torch.linspace(0, top, 201, dtype=torch.float64)
+    curve_eps = np.linspace(0, top, 201)
     curve = clip_fraction_curve(thresholds, curve_eps)
 
-    nonempty = lengths[lengths > 0].double()
+    nonempty = np.sort(lengths[lengths > 0])
     return InspectReport(
         source=batch.source,
-        shape=tuple(batch.values.shape),
-        dtype=str(batch.values.dtype).replace("torch.", ""),
+        shape=tuple(mask.shape),
+        dtype=batch.dtype,
         clip_eps=clip_eps,
         mode=mode,
         num_sequences=int(mask.shape[0]),
-        num_nonempty_sequences=int((lengths > 0).sum()),
-        num_tokens=int(mask.sum()),
+        num_nonempty_sequences=int(nonempty.size),
+        num_tokens=int(num_tokens),
         tokens_per_sequence={
-            "min": float(nonempty.min()),
-            "median": float(nonempty.median()),
-            "max": float(nonempty.max()),
+            "min": float(nonempty[0]),
+            "median": float(nonempty[(nonempty.size - 1) // 2]),  # the lower middle value, as torch.median
+            "max": float(nonempty[-1]),
         },
-        loss=stats["loss"],
-        loss_unclipped=stats["loss_unclipped"],
-        clip_fraction=stats["clip_fraction"],
-        outside_band_fraction=stats["outside_band_fraction"],
-        explained_variance=stats["explained_variance"],
-        mean_abs_error=stats["mean_abs_error"],
+        loss=0.5 * _aggregate(loss_mat, mask, mode),
+        loss_unclipped=0.5 * _aggregate(loss_unclipped_mat, mask, mode),
+        clip_fraction=float(clipped.sum()) / num_tokens,
+        outside_band_fraction=float(outside.sum()) / num_tokens,
+        explained_variance=_explained_variance(values, returns, weights),
+        mean_abs_error=float((weights * np.abs(residual)).sum()) / num_tokens,
         histogram_edges=list(HISTOGRAM_EDGES),
         histogram_counts=[int(c) for c in counts],
-        clip_fraction_by_position=[float(x) for x in by_position],
-        sequences=sequences,
+        clip_fraction_by_position=[float(x) for x in _clip_fraction_by_position(mask, clipped, lengths)],
+        sequences=_sequence_stats(clipped, outside & ~clipped, lengths),
         suggested_clip_eps=suggestion,
         target_clip_fraction=tuple(float(x) for x in target_clip_fraction),
         ignored_keys=batch.ignored_keys,
         had_mask=batch.had_mask,
-        curve_clip_eps=[float(x) for x in curve_eps],
-        curve_clip_fraction=[float(x) for x in curve],
-        normalized_delta=[float(x) for x in normalized],
+        curve_clip_eps=curve_eps.tolist(),
+        curve_clip_fraction=curve.tolist(),
+        normalized_delta=normalized.tolist(),
     )
 
 

@@ -12,6 +12,7 @@ import io
 import os
 
 from .inspect import (
+    AGGREGATION_MODES,
     Batch,
     BatchError,
     InspectReport,
@@ -43,8 +44,6 @@ class BatchUploadExplorer:
 
     def __init__(self, batch: Batch, *, clip_eps: float = 0.2, mode: str = "token-mean") -> None:
         import ipywidgets as w
-
-        from .functional import AGGREGATION_MODES
 
         self.batch = batch
         self.report: InspectReport | None = None
@@ -106,6 +105,10 @@ class BatchUploadExplorer:
 def batch_upload_explorer(
     path: str | os.PathLike | None = None, *, clip_eps: float = 0.2, mode: str = "token-mean"
 ) -> BatchUploadExplorer:
-    """The explorer of notebook 08: starts on ``path`` (default: ``synthetic_batch(seed=0)``, the shipped sample)."""
+    """The explorer of notebook 08, starting on the batch file ``path``.
+
+    Without a path it starts on ``synthetic_batch(seed=0)``: the batch shipped as
+    ``notebooks/data/sample_batch.npz``, generated here because the package does not ship the notebooks' data.
+    """
     batch = load_batch(path) if path is not None else synthetic_batch(seed=0)
     return BatchUploadExplorer(batch, clip_eps=clip_eps, mode=mode)
