@@ -425,9 +425,10 @@ def test_sample_report_equals_diagnose_in_float32():
             assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6), (mode, key)
 
 
-def test_torch_free_constants_match_functional():
-    """The mode and variant names repeated in valueloss.inspect (for a torch-free CLI) equal valueloss.functional's."""
-    assert vi.AGGREGATION_MODES == functional.AGGREGATION_MODES and vi.VARIANTS == functional.VARIANTS
+def test_inspect_and_functional_share_one_list_of_setting_names():
+    """valueloss.inspect (torch-free) and valueloss.functional name the same modes and variants, from one module."""
+    assert vi.AGGREGATION_MODES is functional.AGGREGATION_MODES and vi.VARIANTS is functional.VARIANTS
+    assert "seq-mean-token-sum-norm" in vi.AGGREGATION_MODES and vi.VARIANTS == ("max", "clipped")
 
 
 @pytest.mark.parametrize("variant", ["max", "clipped"])

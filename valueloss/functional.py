@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._choices import AGGREGATION_MODES, LOSS_TYPES, VARIANTS
+
 __all__ = [
     "AGGREGATION_MODES",
     "LOSS_TYPES",
@@ -42,16 +44,6 @@ __all__ = [
     "value_loss",
     "value_loss_grad",
 ]
-
-AGGREGATION_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
-VARIANTS = ("max", "clipped")
-LOSS_TYPES = ("squared", "huber")
 
 Count = Tensor | int | float | None
 

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._choices import AGGREGATION_MODES, VARIANTS
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -70,10 +72,6 @@ __all__ = [
 REQUIRED_KEYS = ("values", "old_values", "returns")
 MASK_ALIASES = ("action_mask", "response_mask", "loss_mask", "mask")
 SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
-AGGREGATION_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-"""``valueloss.functional.AGGREGATION_MODES``, repeated so that the command line needs no torch (a test checks)."""
-VARIANTS = ("max", "clipped")
-"""``valueloss.functional.VARIANTS``, repeated for the same reason."""
 HISTOGRAM_EDGES = (-math.inf, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
 """Bin edges of the histogram of ``(values - old_values) / clip_eps``; bins are ``[lo, hi)`` as printed.
 
