@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._choices import AGGREGATION_MODES, LOSS_TYPES, VARIANTS
+from ._choices import check_choice as _check_choice
 
 __all__ = [
     "AGGREGATION_MODES",
@@ -76,12 +77,6 @@ def check_clip_eps(clip_eps: object, name: str = "clip_eps") -> float | None:
     if math.isnan(value) or value < 0:
         raise ValueError(f"{name} must be None or a non-negative number; got {clip_eps!r}")
     return value
-
-
-def _check_choice(value: object, choices: tuple, name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 def _check_positive(value: object, name: str) -> float:

@@ -338,11 +338,9 @@ class FusedValueLoss(torch.autograd.Function):
                 "the fused value loss has no second derivative: backward with create_graph=True is not supported; "
                 "use ValueLoss(fused=False) (or valueloss.functional.value_loss) for double backward"
             )
-        grad_tokens, ctx.grad_tokens = ctx.grad_tokens, None
         if not ctx.compiled:  # the eager fallback saved the finished gradient
-            ctx.grad_tokens = grad_tokens
-            values = ctx.saved_tensors[0]
-            return (grad_output * grad_tokens).to(values.dtype), None, None, None, None, None
+            return (grad_output * ctx.grad_tokens).to(ctx.saved_tensors[0].dtype), None, None, None, None, None
+        grad_tokens, ctx.grad_tokens = ctx.grad_tokens, None
         scale_tokens = _loss_to_tokens(grad_output, ctx.denominators, ctx.config, ctx.shape[-1])
         if grad_tokens is not None:  # first backward, full precision: scale the buffer in place and hand it over
             return grad_tokens.mul_(scale_tokens.to(grad_tokens.dtype)).reshape(ctx.shape), None, None, None, None, None
@@ -511,13 +509,9 @@ def fused_value_loss(
                 f"the fused value loss differentiates values only; got {name} with requires_grad=True "
                 "(use ValueLoss(fused=False) to differentiate it)"
             )
-    kwargs = dict(
-        clip_eps=clip_eps, variant=variant, mode=mode, loss_type=loss_type, huber_delta=huber_delta, scale=scale,
-        dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-        loss_scale_factor=loss_scale_factor,
-    )
+    config = (clip_eps, variant, mode, loss_type, huber_delta, scale, dp_size, loss_scale_factor)
+    counts = (batch_num_tokens, global_batch_size)
     if torch.compiler.is_compiling():
         # Inside the caller's own torch.compile region: let that compiler fuse the eager formula.
-        return F.value_loss(values, old_values, returns, action_mask, **kwargs)
-    config = (clip_eps, variant, mode, loss_type, huber_delta, scale, dp_size, loss_scale_factor)
-    return FusedValueLoss.apply(values, old_values, returns, action_mask, config, (batch_num_tokens, global_batch_size))
+        return F.value_loss(values, old_values, returns, action_mask, **_eager_kwargs(config, counts))
+    return FusedValueLoss.apply(values, old_values, returns, action_mask, config, counts)

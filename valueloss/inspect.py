@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._choices import AGGREGATION_MODES, VARIANTS
+from ._choices import check_choice as _check_choice
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -388,12 +389,6 @@ def synthetic_batch(
 
 
 # --------------------------------------------------------------------------- the analysis (NumPy, float64)
-
-
-def _check_choice(value: object, choices: tuple, name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 def _float64(*arrays: object) -> list[np.ndarray]:
