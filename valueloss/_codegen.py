@@ -43,21 +43,27 @@ a no-op :class:`torch._inductor.custom_graph_pass.CustomGraphPass` naming this r
 version to ``torch._inductor.config.post_grad_custom_post_pass`` (the documented hook whose
 ``uuid()`` enters the cache key; config overrides are thread-local in torch 2.13), keeping any
 passes the user set. ``tests/test_codegen.py`` checks that, with a warm cache filled outside the
-context, a compile inside it still emits the fast load, and the other way round.
+context, a compile inside it misses and emits the fast load, that later compiles inside and outside
+each hit their own entry, and (control) that without the tag the context is served the plain kernel.
 
-Cost of entering the context: about 4 us per ``with`` (two thread-local config writes); nested
-entries only bump a counter. If torch's internals differ from what is described here (method
-missing, other signature, other line format), the context is a no-op: this is a speed-up, never an
-error.
+Cost of entering the context: about 3 us per outermost ``with`` on the VM below; nested entries only
+bump a counter (0.6 us). ``with torch._inductor.config.patch(...)`` would cost about 30 us per call
+(attribute reads and writes on the config module take 2-3 us each), so the override's ContextVar is
+swapped directly, as torch's own low-overhead ``config._make_closure_patcher`` does, with a fallback
+to plain attribute writes if those internals look different. If torch's
+internals differ from what is described here (method missing, other signature, other line format),
+the context is a no-op: this is a speed-up, never an error.
 
-Measured (2026-11-26, this project's 2-core AVX2 VM, torch 2.13.0, 1 thread, 1M elements, median
-of 40 interleaved calls) for the compiled kernel ``v + o + r * m``:
+Measured 2026-11-26 on this project's shared 2-core AMD EPYC VM (AVX2), torch 2.13.0, 1 thread,
+1M elements, median of 60 interleaved calls, compiled kernel ``v + o + r * m`` (two more runs under
+more load gave the same picture: the byte mask costs 1.6-2.1x the float mask without the context,
+0.9-1.1x with it):
 
 ==========  =============  ===========  ===================
 inputs      float32 mask   uint8 mask   uint8, in context
 ==========  =============  ===========  ===================
-float32     0.82 ms        1.79 ms      0.80 ms
-bfloat16    0.74 ms        1.16 ms      0.57 ms
+float32     0.89 ms        1.70 ms      0.80 ms
+bfloat16    0.66 ms        1.41 ms      0.70 ms
 ==========  =============  ===========  ===================
 """
 
