@@ -115,8 +115,12 @@ def test_rewrite_of_one_load_line():
         (_fake_kernel(8), line8, torch.int8, None),  # line's type disagrees with the dtype
         (_fake_kernel(16), line8, torch.uint8, None),  # count disagrees with the kernel
         (_fake_kernel(8), line8.replace("uint8_t", "float"), torch.float32, None),
-        (_fake_kernel(8), "at::vec::Vectorized<uint8_t>::loadu(in_ptr0, static_cast<int64_t>(ks0 - 8))",
-         torch.uint8, None),  # run-time tail count
+        (
+            _fake_kernel(8),
+            "at::vec::Vectorized<uint8_t>::loadu(in_ptr0, static_cast<int64_t>(ks0 - 8))",
+            torch.uint8,
+            None,
+        ),  # run-time tail count
         (_fake_kernel(8), "at::vec::Vectorized<uint8_t>::loadu(f(a, static_cast<int64_t>(8))", torch.uint8, None),
         (types.SimpleNamespace(num_elems=8, vec_isa=cpu_vec_isa.VecAVX512()), line8, torch.uint8, None),
     ]

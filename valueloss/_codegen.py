@@ -52,7 +52,8 @@ bump a counter (0.6 us). ``with torch._inductor.config.patch(...)`` would cost a
 swapped directly, as torch's own low-overhead ``config._make_closure_patcher`` does, with a fallback
 to plain attribute writes if those internals look different. If torch's
 internals differ from what is described here (method missing, other signature, other line format),
-the context is a no-op: this is a speed-up, never an error.
+the context is a no-op: this is a speed-up, never an error. Code generated outside the calling thread
+(inductor's optional subprocess compile mode, ``fx_compile_mode``) is not rewritten.
 
 Measured 2026-11-26 on this project's shared 2-core AMD EPYC VM (AVX2), torch 2.13.0, 1 thread,
 1M elements, median of 60 interleaved calls, compiled kernel ``v + o + r * m`` (two more runs under
@@ -189,8 +190,9 @@ def _install() -> bool:
         if parameters != _EXPECTED_PARAMETERS:
             return False
         if getattr(original, "_valueloss_fast_byte_loads", False):
-            _install_state = True
-            return True
+            # Wrapped by an earlier import of this module (importlib.reload): wrap torch's method afresh,
+            # so that the wrapper reads this module's thread-local state.
+            original = original.__wrapped__
 
         @functools.wraps(original)
         def _get_vec_load_line(self, var, index, dtype, load_mask=None):
