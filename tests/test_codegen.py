@@ -266,6 +266,28 @@ def test_config_tag_nested_and_restored():
         assert _codegen._CACHE_TAG.uuid() == f"valueloss._codegen.fast_byte_loads v{_codegen.REWRITE_VERSION}"
     assert inductor_config.post_grad_custom_post_pass is None
     assert getattr(_codegen._local, "depth", 0) == 0
+    assert not getattr(_codegen._local, "rewrite", False)
+
+
+def test_no_rewrite_without_cache_tag(monkeypatch):
+    """If the cache tag cannot be set, the context does not rewrite either (cache entries must match keys)."""
+
+    def refuse():
+        raise RuntimeError("config changed shape")
+
+    if not _codegen._install():
+        pytest.skip("torch's internals differ: the context is a no-op anyway")
+    monkeypatch.setattr(_codegen, "_swap", types.SimpleNamespace(enter=refuse, exit=None))
+    with fast_byte_loads():
+        assert not _codegen._local.rewrite
+    with fast_byte_loads():
+        monkeypatch.undo()
+        assert not _codegen._local.rewrite  # decided on the outermost entry
+        with fast_byte_loads():
+            assert not _codegen._local.rewrite
+    with fast_byte_loads():
+        assert _codegen._local.rewrite
+    assert not _codegen._local.rewrite
 
 
 def test_noop_when_torch_internals_differ(monkeypatch):

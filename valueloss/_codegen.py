@@ -167,48 +167,53 @@ def _rewrite(kernel: Any, line: str, dtype: Any, load_mask: Any) -> str:
 
 def _install() -> bool:
     """Wrap ``CppVecKernel._get_vec_load_line`` once; False (and nothing changed) if torch looks different."""
-    global _install_state, _swap
+    global _install_state
     if _install_state is not None:
         return _install_state
     with _install_lock:
-        if _install_state is not None:
-            return _install_state
-        _install_state = False
-        try:
-            from torch._inductor import config as inductor_config
-            from torch._inductor.codegen import cpp
-        except Exception:  # any import failure means: leave inductor alone
-            return False
-        kernel_class = getattr(cpp, "CppVecKernel", None)
-        original = getattr(kernel_class, "_get_vec_load_line", None)
-        if original is None or not callable(original):
-            return False
-        try:
-            parameters = tuple(inspect.signature(original).parameters)
-        except (TypeError, ValueError):
-            return False
-        if parameters != _EXPECTED_PARAMETERS:
-            return False
-        if getattr(original, "_valueloss_fast_byte_loads", False):
-            # Wrapped by an earlier import of this module (importlib.reload): wrap torch's method afresh,
-            # so that the wrapper reads this module's thread-local state.
-            original = original.__wrapped__
+        if _install_state is None:
+            # Published only once decided: a thread racing past the unlocked read never sees a half state.
+            _install_state = _wrap_load_line()
+        return _install_state
 
-        @functools.wraps(original)
-        def _get_vec_load_line(self, var, index, dtype, load_mask=None):
-            line = original(self, var, index, dtype, load_mask)
-            if not getattr(_local, "depth", 0):
-                return line
-            try:
-                return _rewrite(self, line, dtype, load_mask)
-            except Exception:  # a failed rewrite must never break compilation
-                return line
 
-        _get_vec_load_line._valueloss_fast_byte_loads = True  # type: ignore[attr-defined]
-        kernel_class._get_vec_load_line = _get_vec_load_line
-        _swap = _make_swap(inductor_config)
-        _install_state = True
-        return True
+def _wrap_load_line() -> bool:
+    """Install the wrapper and bind ``_swap``; False, with nothing changed, if torch's internals differ."""
+    global _swap
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.codegen import cpp
+    except Exception:  # any import failure means: leave inductor alone
+        return False
+    kernel_class = getattr(cpp, "CppVecKernel", None)
+    original = getattr(kernel_class, "_get_vec_load_line", None)
+    if original is None or not callable(original):
+        return False
+    try:
+        parameters = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        return False
+    if parameters != _EXPECTED_PARAMETERS:
+        return False
+    if getattr(original, "_valueloss_fast_byte_loads", False):
+        # Wrapped by an earlier import of this module (importlib.reload): wrap torch's method afresh,
+        # so that the wrapper reads this module's thread-local state.
+        original = original.__wrapped__
+
+    @functools.wraps(original)
+    def _get_vec_load_line(self, var, index, dtype, load_mask=None):
+        line = original(self, var, index, dtype, load_mask)
+        if not getattr(_local, "rewrite", False):
+            return line
+        try:
+            return _rewrite(self, line, dtype, load_mask)
+        except Exception:  # a failed rewrite must never break compilation
+            return line
+
+    _get_vec_load_line._valueloss_fast_byte_loads = True  # type: ignore[attr-defined]
+    _swap = _make_swap(inductor_config)
+    kernel_class._get_vec_load_line = _get_vec_load_line
+    return True
 
 
 class _PublicSwap:
@@ -292,20 +297,25 @@ class _FastByteLoads:
         depth = getattr(_local, "depth", 0)
         if depth == 0:
             _local.config_prior = _NOT_SET
+            _local.rewrite = False
             if _install():
                 try:
                     _local.config_prior = _swap.enter()
-                except Exception:  # an unexpected config module: keep the rewrite, skip the cache tag
+                except Exception:  # no cache tag, no rewrite: a cached entry must match its key
                     pass
+                else:
+                    _local.rewrite = True
         _local.depth = depth + 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         depth = _local.depth - 1
         _local.depth = depth
-        if depth == 0 and _local.config_prior is not _NOT_SET:
-            _swap.exit(_local.config_prior)
-            _local.config_prior = _NOT_SET
+        if depth == 0:
+            _local.rewrite = False
+            if _local.config_prior is not _NOT_SET:
+                _swap.exit(_local.config_prior)
+                _local.config_prior = _NOT_SET
 
 
 _NOT_SET = object()
