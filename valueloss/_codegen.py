@@ -46,8 +46,8 @@ passes the user set. ``tests/test_codegen.py`` checks that, with a warm cache fi
 context, a compile inside it misses and emits the fast load, that later compiles inside and outside
 each hit their own entry, and (control) that without the tag the context is served the plain kernel.
 
-Cost of entering the context: about 3 us per outermost ``with`` on the VM below; nested entries only
-bump a counter (0.6 us). ``with torch._inductor.config.patch(...)`` would cost about 30 us per call
+Cost of entering the context: 3-4 us per outermost ``with`` on the VM below; nested entries only
+bump a counter (under 1 us). ``with torch._inductor.config.patch(...)`` would cost about 30 us per call
 (attribute reads and writes on the config module take 2-3 us each), so the override's ContextVar is
 swapped directly, as torch's own low-overhead ``config._make_closure_patcher`` does, with a fallback
 to plain attribute writes if those internals look different. If torch's
