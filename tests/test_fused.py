@@ -247,6 +247,34 @@ def test_compiled_matches_eager_within_one_ulp(mask, mode):
     assert torch.equal(grad == 0, eager_grad == 0)
 
 
+def _scaled_grads(loss_fn, values, old_values, returns, action_mask, coefficients, **kwargs):
+    """``d (c * loss) / d values`` for each ``c``, one forward each, by autograd through ``loss_fn``."""
+    grads = []
+    for c in coefficients:
+        leaf = values.detach().clone().requires_grad_(True)
+        loss = loss_fn(leaf, old_values, returns, action_mask, **kwargs)
+        (loss if c == 1 else c * loss).backward()
+        grads.append(leaf.grad)
+    return grads
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_gradient_and_recomputed_gradient_both_match_eager(dtype, mode):
+    """grad_output 1 (the forward's gradient) and 0.3 (recomputed) both give eager's gradient: bf16 bit for bit, fp32 1 ulp."""
+    values, old_values, returns, action_mask = _inputs((23, 301), dtype=dtype)
+    action_mask[3] = False  # an empty sequence
+    counts = {"batch_num_tokens": 5000} if mode == "token-mean" else {"global_batch_size": 30}
+    kwargs = dict(clip_eps=0.2, mode=mode, dp_size=2, **(counts if mode != "token-sum" else {}))
+    ours = _scaled_grads(fused_value_loss, values, old_values, returns, action_mask, (1.0, 0.3), **kwargs)
+    eager = _scaled_grads(F.value_loss, values, old_values, returns, action_mask, (1.0, 0.3), **kwargs)
+    for grad, eager_grad in zip(ours, eager, strict=True):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, eager_grad, rtol=0 if dtype == torch.bfloat16 else 2**-23, atol=1e-12)
+        assert torch.equal(grad == 0, eager_grad == 0)
+
+
 @needs_compiler
 def test_compiled_band_edges_and_ties_are_exact():
     """On band edges (closed band) and exact ties (50/50 split) the compiled gradient is autograd's, bit for bit."""
@@ -416,9 +444,10 @@ def test_half_precision_retain_graph_recomputes_the_same_gradient():
 
 
 @needs_compiler
-def test_inputs_modified_in_place_after_forward():
-    """fp32 keeps the forward's gradient (in-place edits do not change it); bf16 recomputes, so autograd refuses."""
-    values, old_values, returns, action_mask = _inputs((41, 401))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_modified_in_place_after_forward(dtype):
+    """loss.backward() hands over the forward's gradient (in-place edits do not change it); a recomputation is refused."""
+    values, old_values, returns, action_mask = _inputs((41, 401), dtype=dtype)
     leaf = values.clone().requires_grad_(True)
     loss = fused_value_loss(leaf, old_values.clone(), returns, action_mask, clip_eps=0.2)
     loss.backward()
@@ -430,13 +459,11 @@ def test_inputs_modified_in_place_after_forward():
     loss.backward()
     assert torch.equal(leaf.grad, expected)
 
-    values, old_values, returns, action_mask = _inputs((41, 401), dtype=torch.bfloat16)
-    leaf = values.clone().requires_grad_(True)
     edited = old_values.clone()
     loss = fused_value_loss(leaf, edited, returns, action_mask, clip_eps=0.2)
     edited.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+        (2.0 * loss).backward()  # grad_output 2: backward recomputes from the saved inputs
 
 
 @needs_compiler

@@ -1,35 +1,40 @@
-"""One-pass value loss: the reduced loss and its gradient with one sweep over the tokens each.
+"""One-pass value loss: the reduced loss and its gradient with one sweep over the tokens.
 
 The eager formula (:func:`valueloss.functional.value_loss` under autograd) launches about a dozen
-element-wise kernels and keeps about 9.5 input-sized tensors alive for backward. Here, for float32
-(or float64) ``values``, the forward reads ``values``, ``old_values``, ``returns`` and
-``action_mask`` once and, in that same pass, writes the per-token gradient and reduces the loss;
-backward scales that buffer in place by one scalar (or one factor per sequence) and the incoming
-``grad_output`` and hands it over as ``values.grad``. The whole step allocates one tensor of the
-input's size: the gradient. For bfloat16/float16 ``values`` the gradient must be rounded once from
-float32 after the scaling, so the forward pass only reads and reduces, and backward recomputes the
-per-token gradient from the (saved, not copied) inputs and writes it in ``values.dtype``: again one
-tensor. The math is the closed form of :func:`valueloss.functional.elementwise_value_loss_grad`
-(closed clip band, ties split 50/50), so the result equals autograd of the eager formula.
+element-wise kernels and keeps about 9.5 input-sized tensors alive for backward. Here the forward is
+one compiled graph. Its denominators (the mask's sums, or the global counts) depend on the mask
+alone and come first (ATen sums a float mask of the compute dtype; the graph sums a bool mask in
+int32); then one loop reads ``values``, ``old_values``, ``returns`` and ``action_mask`` once, reduces
+the loss and, on CPU, writes the gradient that ``loss.backward()`` needs: scaled for
+``grad_output == 1`` and rounded once into ``values.dtype``. Backward hands that buffer over as
+``values.grad`` when ``grad_output`` is exactly 1 (read from host memory: nothing to synchronise on
+CPU). Any other ``grad_output`` (``(c * loss).backward()``, gradient accumulation, loss scaling),
+a second backward, and every backward on other devices (where reading ``grad_output`` would
+synchronise, so the forward writes no gradient there) free the buffer and recompute the gradient
+from the saved inputs in one more loop, scaled before its single rounding. Either way the step
+allocates one tensor of the input's size: the gradient. The math is the closed form of
+:func:`valueloss.functional.elementwise_value_loss_grad` (closed clip band, ties split 50/50) and
+the scaling follows autograd's order step by step, so the result equals autograd of the eager formula.
 
-Bool masks reach the kernels as bytes (``mask.view(torch.uint8)``): inductor's vectorised load of
-``bool`` on AVX2 CPUs goes through a scalar buffer and costs several times a byte load (measured
-with ``benchmarks/bench_value_loss.py``: the fused step with a bool mask took about 2x as long before).
+Bool masks reach the kernels as bytes (``mask.view(torch.uint8)``), and on CPU every call runs inside
+:func:`valueloss._codegen.fast_byte_loads`: inductor's vectorised load of ``bool`` on AVX2 CPUs goes
+through a scalar buffer, and its 8-byte load through a store-forwarding stall, which made a byte
+mask about 2x slower to stream than a float32 mask (measured in :mod:`valueloss._codegen`).
 
-The passes are plain PyTorch functions compiled with :func:`torch.compile` (inductor: C++/OpenMP on
-CPU, Triton on GPU), one compiled kernel per configuration (variant, loss type, clipping on or off,
-token or sequence reduction, dtypes and mask kind, device; ``clip_eps`` and ``huber_delta`` are
-kernel inputs), with dynamic shapes so that new batch shapes do not recompile (inductor may compile a
-second variant for inputs of at most 4096 tokens, and again after ``torch.set_num_threads``). When
-compilation fails (no C++ compiler, no Triton, ...), :func:`fused_value_loss` warns once and falls
-back to the eager closed form of :func:`valueloss.functional.value_loss_grad`.
+The graphs are plain PyTorch functions compiled with :func:`torch.compile` (inductor: C++/OpenMP on
+CPU, Triton on GPU), one per configuration (variant, loss type, aggregation mode, clipping on or off,
+which global counts are given, dtypes and mask kind, device; ``clip_eps``, ``huber_delta``,
+``scale``, ``dp_size`` and the counts are tensor inputs), with dynamic shapes so that new batch
+shapes do not recompile (inductor may compile a second variant for inputs of at most 4096 tokens,
+and again after ``torch.set_num_threads``). When compilation fails (no C++ compiler, no Triton,
+...), :func:`fused_value_loss` warns once and falls back to the eager closed form of
+:func:`valueloss.functional.value_loss_grad`.
 
 Only ``values`` is differentiated; there is no second derivative (backward with
 ``create_graph=True`` raises a clear error). ``retain_graph=True`` works: a second backward
-recomputes the gradient from the saved inputs. Autograd refuses that recomputation (bfloat16,
-float16, or a second backward) if an input was modified in place after the forward; the first
-float32 backward uses the gradient of the forward and is not affected. Nothing in the forward
-synchronises with the host.
+recomputes the gradient from the saved inputs. Autograd refuses a recomputation if an input was
+modified in place after the forward; a backward that hands over the forward's gradient is not
+affected. Nothing in the forward synchronises with the host.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._codegen import fast_byte_loads
 from .functional import Count
 
 __all__ = ["AUTO_MIN_NUMEL", "FusedValueLoss", "compile_available", "fused_value_loss", "reset", "use_fused"]
@@ -175,35 +181,62 @@ def _per_token(inputs: tuple, settings: tuple, dtype: torch.dtype, mask_is_bool:
     return loss_token, grad_token, weight
 
 
-def _sums(loss: Tensor, weight: Tensor | None, per_sequence: bool) -> tuple[Tensor, Tensor]:
-    """Sums of ``mask * loss_token`` and of ``mask``: over everything, or over the last dimension."""
-    weight = torch.ones_like(loss) if weight is None else weight
-    if per_sequence:
-        return loss.sum(dim=-1, keepdim=True), weight.sum(dim=-1, keepdim=True)
-    return loss.sum(), weight.sum()
+def _sum(t: Tensor, per_sequence: bool) -> Tensor:
+    """``t`` summed over everything, or over the last dimension (kept)."""
+    return t.sum(dim=-1, keepdim=True) if per_sequence else t.sum()
 
 
-def _token_pass(values, old_values, returns, action_mask, clip_eps, variant, loss_type, huber_delta, per_sequence,
-                dtype, mask_is_bool):
-    """Forward when ``values`` has the compute dtype: ``(grad_tokens, loss_sum, weight_sum)`` in one loop.
+def _needs_weight_sum(mode: str, batch_num_tokens: Tensor | None) -> bool:
+    """Whether the reduction divides by (or tests) sums of the mask."""
+    return mode != "token-sum" and not (mode == "token-mean" and batch_num_tokens is not None)
 
-    ``grad_tokens`` is ``mask * d loss_token / d values`` in ``dtype``; the sums are :func:`_sums`'.
+
+def _weight_sum(mask: Tensor | None, shape: tuple, per_sequence: bool, dtype: torch.dtype, device) -> Tensor | None:
+    """Sum of the mask, over everything or per sequence, where ATen does it better than the graph; else None.
+
+    ATen sums a float tensor of its own dtype at memory speed, while inductor's float reduction
+    loop (cascade summation, one accumulator through memory) takes several times as long (measured:
+    1M tokens, one thread, 0.08 ms vs 0.69 ms). Bool masks (bytes) are summed in the graph, in
+    int32 (exact, and no float cascade); ATen's int32 sum of bytes would first copy them to int32.
+    """
+    if mask is None:
+        count = shape[-1] if per_sequence else math.prod(shape)
+        return torch.full(shape[:-1] + (1,) if per_sequence else (), float(count), dtype=dtype, device=device)
+    if mask.dtype != dtype:
+        return None
+    return mask.sum(dim=-1, keepdim=True) if per_sequence else mask.sum()
+
+
+def _forward_pass(values, old_values, returns, action_mask, weight_sum, clip_eps, variant, loss_type, huber_delta,
+                  reduction, dtype, mask_is_bool, write_grad):
+    """The forward in one compiled graph and one loop over the tokens: ``(loss, gradient or None, denominators)``.
+
+    ``weight_sum`` is :func:`_weight_sum`'s (if ``None``, the graph sums the mask if it needs to); ``reduction =
+    (mode, scale, dp_size, batch_num_tokens, global_batch_size, norm)`` with the numbers as 0-dim
+    tensors (``None`` where absent). The denominators depend on the mask alone, so they are known
+    before the loop, which reduces the loss and, if ``write_grad``, writes the gradient for
+    ``grad_output == 1`` (what ``loss.backward()`` passes) in ``values.dtype``: scaled exactly as
+    backward would scale it, then rounded once.
     """
     settings = (clip_eps, variant, loss_type, huber_delta)
-    loss, grad, weight = _per_token(
-        (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=True, grad=True
+    mode, scale, dp_size, batch_num_tokens, global_batch_size, norm = reduction
+    loss, grad, _ = _per_token(
+        (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=True, grad=write_grad
     )
-    return (grad, *_sums(loss, weight, per_sequence))
-
-
-def _loss_pass(values, old_values, returns, action_mask, clip_eps, variant, loss_type, huber_delta, per_sequence,
-               dtype, mask_is_bool):
-    """Forward for half-precision ``values``: only ``(loss_sum, weight_sum)``, a read-only loop."""
-    settings = (clip_eps, variant, loss_type, huber_delta)
-    loss, _, weight = _per_token(
-        (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=True, grad=False
-    )
-    return _sums(loss, weight, per_sequence)
+    per_sequence = mode.startswith("seq-mean")
+    if weight_sum is None and action_mask is not None:  # bytes sum exactly in int32; other float masks in dtype
+        weight_sum = _sum(action_mask.to(torch.int32 if mask_is_bool else dtype), per_sequence).to(dtype)
+    needed = _needs_weight_sum(mode, batch_num_tokens)
+    denominators = _denominators(weight_sum if needed else None, mode, batch_num_tokens, global_batch_size)
+    if write_grad:
+        one = torch.ones((), dtype=dtype, device=values.device)
+        scale_tokens = _loss_to_tokens(one, denominators, mode, scale, dp_size, norm)
+        grad = (scale_tokens * grad).to(values.dtype)
+        # ``loss`` either way, but read through the gradient: inductor then sums the loss in the
+        # loop that writes the gradient (otherwise it gives each its own loop over all inputs).
+        loss = torch.where(grad != grad, loss, loss)
+    loss = _reduce(_sum(loss, per_sequence), denominators, mode, scale, dp_size, norm)
+    return loss, grad, denominators
 
 
 def _grad_pass(values, old_values, returns, action_mask, clip_eps, variant, loss_type, huber_delta, scale_tokens,
@@ -238,51 +271,65 @@ def _kernel(key: tuple, fn: Callable) -> Callable:
     return kernel
 
 
+def _run(kernel: Callable, device: torch.device, *args):
+    """``kernel(*args)``; on CPU inside :func:`valueloss._codegen.fast_byte_loads` (bool masks are bytes).
+
+    Inductor generates code at the first call and at recompilations, in the calling thread, so
+    every call is wrapped (3-4 us).
+    """
+    if device.type != "cpu":
+        return kernel(*args)
+    with fast_byte_loads():
+        return kernel(*args)
+
+
 # --------------------------------------------------------------------------- reductions
 
 
-def _reduce(
-    loss_sum: Tensor,
-    weight_sum: Tensor,
-    tokens_per_sequence: int,
-    mode: str,
-    scale: float,
-    dp_size: int,
-    batch_num_tokens: Count,
-    global_batch_size: Count,
-    loss_scale_factor: float | None,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The reduced loss from the kernel's sums, and the denominators backward needs.
+def _denominators(
+    weight_sum: Tensor, mode: str, batch_num_tokens: Tensor | None, global_batch_size: Tensor | None
+) -> tuple[Tensor, ...]:
+    """What the reduction divides by, from the mask's sums (and the global counts): no loss needed.
 
-    Same operations in the same order as :func:`valueloss.functional.value_loss`, so that the
-    gradient built by :func:`_loss_to_tokens` is autograd's of the eager formula.
+    ``token-mean``: ``(tokens,)``; sequence modes: ``(sequences, nonempty rows, tokens per row)``.
+    Zero counts become 1 (:func:`valueloss.functional._safe_denominator`), so empty masks give 0.
     """
     if mode == "token-sum":
-        return scale * (loss_sum * dp_size), ()
+        return ()
     if mode == "token-mean":
-        count = weight_sum if batch_num_tokens is None else _as_tensor(batch_num_tokens, loss_sum)
-        denominator = F._safe_denominator(count)
-        return scale * (loss_sum / denominator * dp_size), (denominator,)
+        return (F._safe_denominator(weight_sum if batch_num_tokens is None else batch_num_tokens),)
     nonempty = weight_sum > 0
-    if mode == "seq-mean-token-mean":
-        tokens = F._safe_denominator(weight_sum)
-        per_sequence = loss_sum / tokens
-    else:
-        tokens = weight_sum  # unused by backward
-        per_sequence = loss_sum
-    if global_batch_size is None:
-        sequences = F._safe_denominator(nonempty.to(loss_sum.dtype).sum())
-    else:
-        sequences = F._safe_denominator(_as_tensor(global_batch_size, loss_sum))
+    count = nonempty.to(weight_sum.dtype).sum() if global_batch_size is None else global_batch_size
+    return F._safe_denominator(count), nonempty, F._safe_denominator(weight_sum)
+
+
+def _reduce(
+    loss_sum: Tensor, denominators: tuple, mode: str, scale: Tensor | float, dp_size: Tensor | int,
+    norm: Tensor | float | None,
+) -> Tensor:
+    """The reduced loss from the loss's sums and :func:`_denominators`.
+
+    Same operations in the same order as :func:`valueloss.functional.value_loss`, so that the
+    gradient built by :func:`_loss_to_tokens` is autograd's of the eager formula. ``norm`` is
+    the ``seq-mean-token-sum-norm`` divisor (``loss_scale_factor``, by default the tokens per sequence).
+    """
+    if mode == "token-sum":
+        return scale * (loss_sum * dp_size)
+    if mode == "token-mean":
+        return scale * (loss_sum / denominators[0] * dp_size)
+    sequences, nonempty, tokens = denominators
+    per_sequence = loss_sum / tokens if mode == "seq-mean-token-mean" else loss_sum
     loss = torch.where(nonempty, per_sequence, 0.0).sum() / sequences * dp_size
     if mode == "seq-mean-token-sum-norm":
-        loss = loss / _norm(loss_scale_factor, tokens_per_sequence)
-    return scale * loss, (sequences, nonempty, tokens)
+        loss = loss / norm
+    return scale * loss
 
 
-def _loss_to_tokens(grad_output: Tensor, denominators: tuple, config: tuple, tokens_per_sequence: int) -> Tensor:
+def _loss_to_tokens(
+    grad_output: Tensor, denominators: tuple, mode: str, scale: Tensor | float, dp_size: Tensor | int,
+    norm: Tensor | float | None,
+) -> Tensor:
     """d loss / d (mask * per-token loss): autograd's backward of :func:`_reduce`, step by step."""
-    _, _, mode, _, _, scale, dp_size, loss_scale_factor = config
     grad = grad_output * scale
     if mode == "token-sum":
         return grad * dp_size
@@ -290,7 +337,7 @@ def _loss_to_tokens(grad_output: Tensor, denominators: tuple, config: tuple, tok
         return grad * dp_size / denominators[0]
     sequences, nonempty, tokens = denominators
     if mode == "seq-mean-token-sum-norm":
-        grad = grad / _norm(loss_scale_factor, tokens_per_sequence)
+        grad = grad / norm
     grad = torch.where(nonempty, grad * dp_size / sequences, 0.0)
     return grad / tokens if mode == "seq-mean-token-mean" else grad
 
@@ -309,18 +356,19 @@ def _as_tensor(count, like: Tensor) -> Tensor:
 
 
 class FusedValueLoss(torch.autograd.Function):
-    """Forward: the loss (and, for full-precision ``values``, the per-token gradient) in one pass.
+    """Forward: the loss and, on CPU, the gradient for ``loss.backward()``, in one pass over the tokens.
 
     Call through :func:`fused_value_loss`, which validates the arguments. ``apply(values,
     old_values, returns, action_mask, config, counts)``; only ``values`` gets a gradient.
 
-    When ``values`` has the compute dtype (float32, float64), the forward pass also writes the
-    per-token gradient, and backward scales that buffer in place and hands it over as the gradient:
-    the step allocates one tensor of the inputs' size in all. For half-precision ``values`` the
-    gradient must be rounded once from float32, so the forward pass only reads, and backward
-    recomputes the per-token gradient and writes it in ``values.dtype`` (again one tensor). A second
-    backward through the same graph (``retain_graph=True``) also recomputes. The inputs are saved as
-    references (no copies); autograd refuses that recomputation if they were modified in place.
+    On CPU the forward pass also writes the gradient that ``grad_output == 1`` gives (scaled and
+    rounded once into ``values.dtype``), and backward hands that buffer over when the incoming
+    gradient is exactly 1, which it reads from host memory (no device to wait for). Any other
+    ``grad_output``, a second backward (``retain_graph=True``), and every backward on other
+    devices (where reading ``grad_output`` would synchronise) free the buffer and recompute the
+    gradient from the saved inputs in one more pass. The step allocates one tensor of the input's
+    size either way. The inputs are saved as references (no copies); autograd refuses the
+    recomputation if they were modified in place after the forward.
     """
 
     @staticmethod
@@ -341,10 +389,18 @@ class FusedValueLoss(torch.autograd.Function):
         if not ctx.compiled:  # the eager fallback saved the finished gradient
             return (grad_output * ctx.grad_tokens).to(ctx.saved_tensors[0].dtype), None, None, None, None, None
         grad_tokens, ctx.grad_tokens = ctx.grad_tokens, None
-        scale_tokens = _loss_to_tokens(grad_output, ctx.denominators, ctx.config, ctx.shape[-1])
-        if grad_tokens is not None:  # first backward, full precision: scale the buffer in place and hand it over
-            return grad_tokens.mul_(scale_tokens.to(grad_tokens.dtype)).reshape(ctx.shape), None, None, None, None, None
+        if grad_tokens is not None and _is_one(grad_output):  # the gradient the forward wrote: hand it over
+            return grad_tokens.reshape(ctx.shape), None, None, None, None, None
+        del grad_tokens  # free it before the recomputation allocates the gradient again
+        _, _, mode, _, _, scale, dp_size, loss_scale_factor = ctx.config
+        norm = _norm(loss_scale_factor, ctx.shape[-1])
+        scale_tokens = _loss_to_tokens(grad_output, ctx.denominators, mode, scale, dp_size, norm)
         return _recompute_grad(ctx.saved_tensors, grad_output, scale_tokens, ctx), None, None, None, None, None
+
+
+def _is_one(grad_output: Tensor) -> bool:
+    """Whether ``grad_output`` is exactly 1, asked only of CPU tensors (elsewhere it would synchronise)."""
+    return grad_output.device.type == "cpu" and grad_output.numel() == 1 and grad_output.item() == 1.0
 
 
 def _flat(t: Tensor | None, shape: tuple) -> Tensor | None:
@@ -368,8 +424,11 @@ def _constant(value: float | None, dtype: torch.dtype, device: torch.device) -> 
     return _CONSTANTS[key]
 
 
-def _kernel_inputs(inputs: tuple, config: tuple, kind: str):
-    """(compiled kernel of this kind and configuration, its tensor arguments, its constant arguments)."""
+def _kernel_inputs(inputs: tuple, config: tuple, kind: str, extra: tuple = ()):
+    """(compiled kernel of this kind and configuration, its tensor arguments, its settings, (dtype, bool mask?)).
+
+    ``extra`` is appended to the kernel's cache key: whatever else changes the compiled graph.
+    """
     values, _, _, action_mask = inputs
     clip_eps, variant, mode, loss_type, huber_delta = config[:5]
     dtype = F._compute_dtype(*inputs[:3])
@@ -379,30 +438,46 @@ def _kernel_inputs(inputs: tuple, config: tuple, kind: str):
     shape = (math.prod(values.shape[:-1]), values.shape[-1]) if per_sequence else (values.numel(),)
     key = (
         kind, values.device.type, clip_eps is None, variant, loss_type, per_sequence,
-        tuple(None if t is None else t.dtype for t in inputs),
+        tuple(None if t is None else t.dtype for t in inputs), *extra,
     )
-    fn = {"token": _token_pass, "loss": _loss_pass, "grad": _grad_pass}[kind]
+    fn = {"forward": _forward_pass, "grad": _grad_pass}[kind]
     flat = [_flat(t, shape) for t in inputs]
     clip_eps, huber_delta = (_constant(c, dtype, values.device) for c in (clip_eps, huber_delta))
     mask_is_bool = action_mask is not None and action_mask.dtype == torch.bool
-    return _kernel(key, fn), flat, (clip_eps, variant, loss_type, huber_delta), (dtype, mask_is_bool), per_sequence
+    return _kernel(key, fn), flat, (clip_eps, variant, loss_type, huber_delta), (dtype, mask_is_bool)
+
+
+def _reduction(config: tuple, counts: tuple, tokens_per_sequence: int, dtype: torch.dtype, device) -> tuple:
+    """The forward graph's ``reduction`` argument: the mode, and its numbers as 0-dim tensors (or None)."""
+    _, _, mode, _, _, scale, dp_size, loss_scale_factor = config
+    like = _constant(0.0, dtype, device)
+    norm = _norm(loss_scale_factor, tokens_per_sequence) if mode == "seq-mean-token-sum-norm" else None
+    return (
+        mode, _constant(float(scale), dtype, device), _constant(float(dp_size), dtype, device),
+        *(None if count is None else _as_tensor(count, like) for count in counts), _constant(norm, dtype, device),
+    )
 
 
 def _forward(values, old_values, returns, action_mask, config, counts):
-    """(loss, per-token gradient or None, denominators, compiled?) by a compiled pass, or by the eager closed form."""
+    """(loss, gradient for grad_output 1 or None, denominators, compiled?) by the compiled forward graph,
+    or by the eager closed form."""
     inputs = (values, old_values, returns, action_mask)
     if _COMPILE_ERROR is None and values.numel() > 0:
-        one_pass = values.dtype == F._compute_dtype(values, old_values, returns)
+        # Only on CPU can backward read grad_output without a synchronisation, to use this gradient.
+        write_grad = values.device.type == "cpu"
         try:
-            kernel, flat, settings, (dtype, mask_is_bool), per_sequence = _kernel_inputs(
-                inputs, config, "token" if one_pass else "loss"
+            reduction = _reduction(config, counts, values.shape[-1], F._compute_dtype(*inputs[:3]), values.device)
+            extra = (config[2], write_grad, *(t is None for t in reduction[3:]))
+            kernel, flat, settings, (dtype, mask_is_bool) = _kernel_inputs(inputs, config, "forward", extra)
+            weight_sum = None
+            if _needs_weight_sum(config[2], reduction[3]):
+                weight_sum = _weight_sum(flat[3], flat[0].shape, config[2].startswith("seq-mean"), dtype, values.device)
+            loss, grad_tokens, denominators = _run(
+                kernel, values.device, *flat, weight_sum, *settings, reduction, dtype, mask_is_bool, write_grad
             )
-            outputs = kernel(*flat, *settings, per_sequence, dtype, mask_is_bool)
-            grad_tokens, *sums = outputs if one_pass else (None, *outputs)
         except Exception as error:  # compilation failed: remember it, warn once, use the eager closed form
             _remember_failure(error)
         else:
-            loss, denominators = _reduce(*sums, values.shape[-1], *_reduce_settings(config, counts))
             return loss, grad_tokens, denominators, True
     if values.numel() > 0:
         _warn_fallback()
@@ -417,8 +492,8 @@ def _recompute_grad(inputs: tuple, grad_output: Tensor, scale_tokens: Tensor, ct
     values = inputs[0]
     if _COMPILE_ERROR is None:
         try:
-            kernel, flat, settings, (dtype, mask_is_bool), _ = _kernel_inputs(inputs, ctx.config, "grad")
-            grad = kernel(*flat, *settings, scale_tokens.to(dtype), dtype, mask_is_bool)
+            kernel, flat, settings, (dtype, mask_is_bool) = _kernel_inputs(inputs, ctx.config, "grad")
+            grad = _run(kernel, values.device, *flat, *settings, scale_tokens.to(dtype), dtype, mask_is_bool)
         except Exception as error:  # noqa: BLE001 -- same fallback as the forward's
             _remember_failure(error)
         else:
@@ -427,11 +502,6 @@ def _recompute_grad(inputs: tuple, grad_output: Tensor, scale_tokens: Tensor, ct
     with torch.no_grad():
         grad = F.value_loss_grad(*inputs, **_eager_kwargs(ctx.config, ctx.counts))
     return (grad_output * grad).to(values.dtype)
-
-
-def _reduce_settings(config: tuple, counts: tuple) -> tuple:
-    _, _, mode, _, _, scale, dp_size, loss_scale_factor = config
-    return mode, scale, dp_size, *counts, loss_scale_factor
 
 
 def _eager_kwargs(config: tuple, counts: tuple) -> dict:
