@@ -10,9 +10,10 @@ Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``)
 * ``fused``: ``ValueLoss(0.2, fused=True)``, the one-pass compiled kernel;
 * ``floor``: a streaming pass that reads the four inputs once and writes one tensor
   (``values + old_values + returns * mask``, compiled into one loop): no loss can be cheaper. A bool
-  mask is read as bytes (``mask.view(torch.uint8)``), as the fused kernel reads it: inductor's
-  vectorised load of ``bool`` on AVX2 CPUs is several times slower than a byte load, and a floor
-  that paid for that would not be a floor.
+  mask is read as bytes (``mask.view(torch.uint8)``) with the same byte loads as the fused kernel
+  (:func:`valueloss._codegen.fast_byte_loads`): inductor's vectorised load of ``bool`` on AVX2 CPUs,
+  and its plain 8-byte load, are several times slower, and a floor that paid for them would not be
+  a floor.
 
 Timing: every repetition runs each method once, in turn (interleaved, so that load on the
 machine hits all methods alike); we report medians and their ratios to ``reference`` from the same
@@ -46,6 +47,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from valueloss import ValueLoss, fused
+from valueloss._codegen import fast_byte_loads
 
 SIZES = {"4K": 4096, "128K": 131072, "1M": 1 << 20, "4M": 1 << 22}
 TOKENS_PER_SEQUENCE = 1024
@@ -103,7 +105,12 @@ def make_steps(inputs):
     steps = {"reference": loss_step(openrlhf_value_loss)}
     steps.update({name: loss_step(modules[name]) for name in ("eager", "fused", "default")})
     mask_bytes = action_mask.view(torch.uint8) if action_mask.dtype == torch.bool else action_mask
-    steps["floor"] = lambda: floor(values.detach(), old_values, returns, mask_bytes)
+
+    def floor_step():
+        with fast_byte_loads():
+            return floor(values.detach(), old_values, returns, mask_bytes)
+
+    steps["floor"] = floor_step
     return steps
 
 
