@@ -7,7 +7,10 @@ Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``)
 * ``eager``: ``ValueLoss(0.2, fused=False)``, our eager path (fp32 accumulation, NaN-safe masking);
 * ``default``: ``ValueLoss(0.2)``, what users get (``fused="auto"``: eager below
   ``valueloss.fused.AUTO_MIN_NUMEL`` tokens, fused above);
-* ``fused``: ``ValueLoss(0.2, fused=True)``, the one-pass compiled kernel;
+* ``fused``: ``ValueLoss(0.2, fused=True)``, the one-pass compiled kernel, under ``loss.backward()``
+  (``grad_output == 1``: backward hands over the gradient the forward wrote);
+* ``fused_recompute``: the same, under ``(0.5 * loss).backward()`` (any ``grad_output != 1``, as with
+  gradient accumulation or loss scaling): backward recomputes the gradient in one more loop;
 * ``floor``: a streaming pass that reads the four inputs once and writes one tensor
   (``values + old_values + returns * mask``, compiled into one loop): no loss can be cheaper. A bool
   mask is read as bytes (``mask.view(torch.uint8)``) with the same byte loads as the fused kernel
@@ -52,7 +55,7 @@ from valueloss._codegen import fast_byte_loads
 SIZES = {"4K": 4096, "128K": 131072, "1M": 1 << 20, "4M": 1 << 22}
 TOKENS_PER_SEQUENCE = 1024
 CLIP_EPS = 0.2
-METHODS = ("reference", "eager", "fused", "default", "floor")
+METHODS = ("reference", "eager", "fused", "fused_recompute", "default", "floor")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -104,6 +107,11 @@ def make_steps(inputs):
 
     steps = {"reference": loss_step(openrlhf_value_loss)}
     steps.update({name: loss_step(modules[name]) for name in ("eager", "fused", "default")})
+
+    def recompute_step():
+        (0.5 * modules["fused"](values, old_values, returns, action_mask)).backward()
+
+    steps["fused_recompute"] = recompute_step
     mask_bytes = action_mask.view(torch.uint8) if action_mask.dtype == torch.bool else action_mask
 
     def floor_step():
@@ -251,15 +259,17 @@ def markdown_report(result, sizes=("1M", "4M")):
     )
     lines = [
         "| tokens | dtype | mask | threads | reference | fused | fused speed-up | fused / floor "
-        "| peak extra: reference / eager / fused |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recompute speed-up | peak extra: reference / eager / fused |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
         ref, fus, eag = (rows[config + (m,)] for m in ("reference", "fused", "eager"))
+        recompute = rows.get(config + ("fused_recompute",))
         peaks = [ref["peak_extra_vs_input"], eag["peak_extra_vs_input"], fus["peak_extra_vs_input"]]
         lines.append(
             f"| {' | '.join(map(str, config))} | {ref['median_s'] * 1e3:.1f} ms | {fus['median_s'] * 1e3:.2f} ms "
             f"| {fus['speedup_vs_reference']:.1f}x | {fus['ratio_to_floor']:.2f} "
+            f"| {'-' if recompute is None else format(recompute['speedup_vs_reference'], '.1f') + 'x'} "
             f"| {peaks[0]:.1f}x / {peaks[1]:.1f}x / {peaks[2]:.2f}x |"
         )
     lines.append("")
