@@ -250,9 +250,14 @@ def targets(result, sizes=("1M", "4M")):
     return checks
 
 
+def config_key(row):
+    """``(size, dtype, mask, threads)``: the configuration a results row belongs to (all methods share it)."""
+    return row["size"], row["dtype"], row["mask"], row["threads"]
+
+
 def markdown_report(result, sizes=("1M", "4M")):
     """The README's table of a results file (one row per configuration at ``sizes``) and its target summary."""
-    rows = {(r["size"], r["dtype"], r["mask"], r["threads"], r["method"]): r for r in result["rows"]}
+    rows = {config_key(r) + (r["method"],): r for r in result["rows"]}
     configs = sorted(
         {key[:4] for key in rows if key[0] in sizes},
         key=lambda c: (SIZES[c[0]], c[3], list(DTYPES).index(c[1]), c[2]),
