@@ -151,7 +151,7 @@ def _mask_weights(action_mask: Tensor | None, mask_is_bool: bool, dtype: torch.d
         return None, None
     weight = action_mask.to(dtype)
     # Bool masks come as uint8 bytes: inductor's vectorised CPU load of bool is several times slower
-    # than a byte load plus a conversion (measured: benchmarks/bench_value_loss.py, bool vs float masks).
+    # than a byte load plus a conversion (see the module docstring).
     keep = weight != 0 if mask_is_bool else action_mask != 0
     return keep, weight
 
@@ -166,7 +166,7 @@ def _masked_token(token: Tensor, keep: Tensor | None, weight: Tensor | None, mas
 
 
 def _per_token(inputs: tuple, settings: tuple, dtype: torch.dtype, mask_is_bool: bool, *, loss: bool, grad: bool):
-    """``(mask * loss_token or None, mask * d loss_token / d values or None, mask weight or None)`` in ``dtype``.
+    """``(mask * loss_token or None, mask * d loss_token / d values or None)`` in ``dtype``.
 
     ``inputs = (values, old_values, returns, action_mask)``; ``settings = (clip_eps, variant,
     loss_type, huber_delta)`` with ``clip_eps`` and ``huber_delta`` as 0-dim tensors, so that one
@@ -178,7 +178,7 @@ def _per_token(inputs: tuple, settings: tuple, dtype: torch.dtype, mask_is_bool:
     keep, weight = _mask_weights(action_mask, mask_is_bool, dtype)
     loss_token = _masked_token(F._elementwise(*tensors, *settings), keep, weight, mask_is_bool) if loss else None
     grad_token = _masked_token(F._elementwise_grad(*tensors, *settings), keep, weight, mask_is_bool) if grad else None
-    return loss_token, grad_token, weight
+    return loss_token, grad_token
 
 
 def _sum(t: Tensor, per_sequence: bool) -> Tensor:
@@ -220,7 +220,7 @@ def _forward_pass(values, old_values, returns, action_mask, weight_sum, clip_eps
     """
     settings = (clip_eps, variant, loss_type, huber_delta)
     mode, scale, dp_size, batch_num_tokens, global_batch_size, norm = reduction
-    loss, grad, _ = _per_token(
+    loss, grad = _per_token(
         (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=True, grad=write_grad
     )
     per_sequence = mode.startswith("seq-mean")
@@ -246,7 +246,7 @@ def _grad_pass(values, old_values, returns, action_mask, clip_eps, variant, loss
     d loss / d (mask * loss_token): a 0-dim tensor, or one factor per sequence.
     """
     settings = (clip_eps, variant, loss_type, huber_delta)
-    _, grad, _ = _per_token(
+    _, grad = _per_token(
         (values, old_values, returns, action_mask), settings, dtype, mask_is_bool, loss=False, grad=True
     )
     return (scale_tokens * grad).to(values.dtype)
