@@ -19,7 +19,12 @@ Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``)
   a floor.
 
 Timing: every repetition runs each method once, in turn (interleaved, so that load on the
-machine hits all methods alike); we report medians and their ratios to ``reference`` from the same
+machine hits all methods alike), in the orders of a Williams design (:func:`balanced_orders`):
+across the repetitions each method follows every other method equally often. What ran just before
+matters (the reference leaves the caches cold and the allocator busy; a method that reads the same
+inputs leaves them warm); with a fixed order (forward, then reversed) the floor always ran warm,
+after the fused path or after itself, and ``default`` and ``fused``, the same code at 128K tokens
+and above, differed by up to 1.6x. We report medians and their ratios to ``reference`` from the same
 run. The first call of each method and shape is timed separately (``first_call_s``: compilation
 for ``fused``/``floor``) and excluded from the medians.
 
@@ -132,8 +137,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def balanced_orders(n):
+    """A Williams design: ``n`` orders of ``range(n)`` in which every element follows every other one
+    equally often (exactly once for even ``n``, twice over the 2n orders returned for odd ``n``).
+
+    Williams, E. J. (1949), *Experimental designs balanced for the estimation of residual effects of
+    treatments*, Australian Journal of Scientific Research A 2(3): the first row 0, 1, n-1, 2, n-2, ...,
+    each further row adds 1 modulo n; for odd ``n`` the mirrored rows are added.
+    """
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(x + i) % n for x in first] for i in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
 def time_methods(steps, repeats, device="cpu", reset=lambda: None):
-    """(first-call seconds, list of timings) per method, the methods interleaved in every repetition."""
+    """(first-call seconds, list of timings) per method, interleaved in every repetition in the
+    carryover-balanced orders of :func:`balanced_orders` (cycled through as the repetitions go)."""
     first, times = {}, {name: [] for name in steps}
     for name, step in steps.items():
         reset()
@@ -145,9 +170,9 @@ def time_methods(steps, repeats, device="cpu", reset=lambda: None):
     for step in steps.values():  # one more warm-up call each
         reset()
         step()
+    names, orders = list(steps), balanced_orders(len(steps))
     for rep in range(repeats):
-        names = list(steps) if rep % 2 == 0 else list(reversed(steps))
-        for name in names:
+        for name in (names[i] for i in orders[rep % len(orders)]):
             reset()
             _sync(device)
             start = time.perf_counter()
@@ -318,7 +343,7 @@ def run(short=False, device="cpu", repeats=None, sizes=None, dtypes=None, masks=
     dtypes = dtypes or (["fp32"] if short else list(DTYPES))
     masks = masks or (["bool"] if short else ["float", "bool"])
     threads = threads or ([1] if short else [1, 2])
-    repeats = repeats or (5 if short else 15)
+    repeats = repeats or (6 if short else 18)  # whole Williams squares: 6 methods
     result = {
         "machine": machine_info(),
         "settings": {

@@ -75,3 +75,21 @@ def test_markdown_report_has_one_row_per_configuration_with_the_files_numbers(sh
     recompute = [r for r in result["rows"] if r["method"] == "fused_recompute" and r["size"] == "1M"]
     assert f"| {recompute[0]['speedup_vs_reference']:.1f}x |" in table[0]
     assert "- fused speedup vs reference: met in" in text
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_balanced_orders_let_every_method_follow_every_other_equally_often(n):
+    """Each order is a permutation, and every ordered pair (a just before b, a != b) occurs equally often."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_value_loss as bench
+
+    orders = bench.balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    pairs = {}
+    for order in orders:
+        for a, b in zip(order, order[1:]):
+            pairs[a, b] = pairs.get((a, b), 0) + 1
+    expected = {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert set(pairs) == expected
+    assert len(set(pairs.values())) <= 1
