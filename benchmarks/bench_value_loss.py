@@ -406,7 +406,7 @@ def _format_rows(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--short", action="store_true", help="fp32, bool mask, 128K and 1M tokens, 1 thread, 5 repeats")
+    parser.add_argument("--short", action="store_true", help="fp32, bool mask, 128K and 1M tokens, 1 thread, 6 repeats")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int)
