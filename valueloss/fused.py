@@ -225,9 +225,9 @@ def _forward_pass(values, old_values, returns, action_mask, weight_sum, clip_eps
     )
     per_sequence = mode.startswith("seq-mean")
     if weight_sum is None and action_mask is not None:  # bytes sum exactly in int32; other float masks in dtype
+        # (unused, and dropped by inductor, where the mode does not divide by the mask's sums)
         weight_sum = _sum(action_mask.to(torch.int32 if mask_is_bool else dtype), per_sequence).to(dtype)
-    needed = _needs_weight_sum(mode, batch_num_tokens)
-    denominators = _denominators(weight_sum if needed else None, mode, batch_num_tokens, global_batch_size)
+    denominators = _denominators(weight_sum, mode, batch_num_tokens, global_batch_size)
     if write_grad:
         one = torch.ones((), dtype=dtype, device=values.device)
         scale_tokens = _loss_to_tokens(one, denominators, mode, scale, dp_size, norm)
@@ -287,9 +287,11 @@ def _run(kernel: Callable, device: torch.device, *args):
 
 
 def _denominators(
-    weight_sum: Tensor, mode: str, batch_num_tokens: Tensor | None, global_batch_size: Tensor | None
+    weight_sum: Tensor | None, mode: str, batch_num_tokens: Tensor | None, global_batch_size: Tensor | None
 ) -> tuple[Tensor, ...]:
     """What the reduction divides by, from the mask's sums (and the global counts): no loss needed.
+
+    ``weight_sum`` is read only where the mode needs it (:func:`_needs_weight_sum`); it may be None elsewhere.
 
     ``token-mean``: ``(tokens,)``; sequence modes: ``(sequences, nonempty rows, tokens per row)``.
     Zero counts become 1 (:func:`valueloss.functional._safe_denominator`), so empty masks give 0.
@@ -466,9 +468,9 @@ def _forward(values, old_values, returns, action_mask, config, counts):
         # Only on CPU can backward read grad_output without a synchronisation, to use this gradient.
         write_grad = values.device.type == "cpu"
         try:
-            reduction = _reduction(config, counts, values.shape[-1], F._compute_dtype(*inputs[:3]), values.device)
-            extra = (config[2], write_grad, *(t is None for t in reduction[3:]))
+            extra = (config[2], write_grad, *(count is None for count in counts))
             kernel, flat, settings, (dtype, mask_is_bool) = _kernel_inputs(inputs, config, "forward", extra)
+            reduction = _reduction(config, counts, values.shape[-1], dtype, values.device)
             weight_sum = None
             if _needs_weight_sum(config[2], reduction[3]):
                 weight_sum = _weight_sum(flat[3], flat[0].shape, config[2].startswith("seq-mean"), dtype, values.device)
