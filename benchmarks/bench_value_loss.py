@@ -16,7 +16,8 @@ Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``)
   mask is read as bytes (``mask.view(torch.uint8)``) with the same byte loads as the fused kernel
   (:func:`valueloss._codegen.fast_byte_loads`): inductor's vectorised load of ``bool`` on AVX2 CPUs,
   and its plain 8-byte load, are several times slower, and a floor that paid for them would not be
-  a floor.
+  a floor. It is compiled and called as the fused kernels are (``valueloss.fused._torch_compile``:
+  compiled ahead, dynamo's guards checked once per call signature instead of on every call).
 
 Timing: every repetition runs each method once, in turn (interleaved, so that load on the
 machine hits all methods alike), in the orders of a Williams design (:func:`balanced_orders`):
@@ -97,7 +98,7 @@ def make_steps(inputs):
     that neither its freeing nor its memory is counted.
     """
     values, old_values, returns, action_mask = inputs
-    floor = torch.compile(_streaming_pass, dynamic=True, fullgraph=True)
+    floor = fused._torch_compile(_streaming_pass)  # called the way the fused kernels are (no per-call guard evaluation)
     modules = {
         "eager": ValueLoss(CLIP_EPS, fused=False),
         "default": ValueLoss(CLIP_EPS),

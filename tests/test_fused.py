@@ -358,6 +358,77 @@ def test_new_shapes_do_not_recompile():
     assert counters["stats"]["unique_graphs"] == before
 
 
+def _row_sums(x):
+    """A graph whose loops depend on both sizes of ``x``: a kernel run on the wrong sizes reads the wrong numbers."""
+    return (x * 2.0).sum(dim=-1)
+
+
+def _direct_call(name):
+    """A _DirectCall of its own copy of _row_sums: dynamo keeps what it learnt about sizes per code object."""
+    return fused._DirectCall(torch.compile(fused._new_function(_row_sums, name), fullgraph=True, dynamic=True))
+
+
+@needs_compiler
+def test_direct_call_gives_each_specialisation_its_variant_and_checks_guards_once_per_signature():
+    """Dynamo specialises equal sizes to one symbol and sizes 1: such inputs get their own variant, never the wrong one."""
+    call = _direct_call("variants")
+    square, wide, one_row = torch.randn(6, 6), torch.randn(5, 7), torch.randn(1, 9)
+    for x in (square, wide, one_row, square, wide):
+        torch.testing.assert_close(call(x), _row_sums(x))
+    assert call.direct and len(call.variants) == 3
+    checks = []
+    for variant in call.variants:
+        original = variant.guard_check
+        variant.guard_check = lambda *args, _original=original: checks.append(1) or _original(*args)
+    for x in (square, wide, one_row):
+        call(x)
+    assert checks == []  # memoised per signature
+    call(torch.randn(8, 11))  # a new signature: checked once, accepted by the (5, 7) variant
+    call(torch.randn(8, 11))
+    assert len(call.variants) == 3 and 1 <= len(checks) <= 3
+
+
+@needs_compiler
+def test_direct_call_beyond_its_variants_uses_dynamos_guarded_call():
+    call = _direct_call("cap")
+    call.MAX_VARIANTS = 1
+    square, wide = torch.randn(6, 6), torch.randn(5, 7)
+    for x in (square, wide, wide):
+        torch.testing.assert_close(call(x), _row_sums(x))
+    assert len(call.variants) == 1 and call.by_signature[fused._signature(wide),] is call.compiled
+
+
+def test_direct_call_without_or_with_a_failing_aot_compile_calls_the_compiled_function():
+    calls = []
+
+    def compiled(x):
+        calls.append(x)
+        return x + 1
+
+    plain = fused._DirectCall(compiled)  # no aot_compile attribute (older torch)
+    assert not plain.direct and plain(1) == 2
+
+    def broken_aot_compile(example):
+        raise RuntimeError("simulated")
+
+    compiled.aot_compile = broken_aot_compile
+    failing = fused._DirectCall(compiled)
+    assert failing.direct
+    assert failing(torch.tensor(1.0)) == 2 and not failing.direct and failing.variants == []
+    assert failing(torch.tensor(2.0)) == 3 and len(calls) == 3
+
+
+@needs_compiler
+def test_fused_sequence_modes_on_square_then_other_shapes():
+    """Square (B, T) inputs share one size symbol in dynamo; other shapes must not run that variant."""
+    for shape in [(33, 33), (20, 33), (33, 20), (1, 33)]:
+        values, old_values, returns, action_mask = _inputs(shape, seed=shape[0])
+        loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode="seq-mean-token-mean")
+        ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, clip_eps=0.2, mode="seq-mean-token-mean")
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
 @needs_compiler
 def test_forward_never_reads_tensor_values_on_host(monkeypatch):
     """No host synchronisation in forward: reading any tensor's value on the host raises during the call."""

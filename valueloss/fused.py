@@ -26,7 +26,9 @@ CPU, Triton on GPU), one per configuration (variant, loss type, aggregation mode
 which global counts are given, dtypes and mask kind, device; ``clip_eps``, ``huber_delta``,
 ``scale``, ``dp_size`` and the counts are tensor inputs), with dynamic shapes so that new batch
 shapes do not recompile (inductor may compile a second variant for inputs of at most 4096 tokens,
-and again after ``torch.set_num_threads``). When compilation fails (no C++ compiler, no Triton,
+and again after ``torch.set_num_threads``). Each is compiled ahead of its first call and then called
+directly (:class:`_DirectCall`): dynamo's guards are checked once per call signature instead of on
+every call, which saved 60-100 us per step at 4K tokens. When compilation fails (no C++ compiler, no Triton,
 ...), :func:`fused_value_loss` warns once and falls back to the eager closed form of
 :func:`valueloss.functional.value_loss_grad`.
 
@@ -64,8 +66,73 @@ _WARNED = False
 
 
 def _torch_compile(fn: Callable) -> Callable:
-    """``torch.compile`` with the settings of this module: a single graph (no host syncs), dynamic shapes."""
-    return torch.compile(fn, fullgraph=True, dynamic=True)
+    """``fn`` compiled with the settings of this module (a single graph: no host syncs; dynamic shapes),
+    called without dynamo's per-call guard evaluation where torch allows (:class:`_DirectCall`)."""
+    return _DirectCall(torch.compile(fn, fullgraph=True, dynamic=True))
+
+
+class _DirectCall:
+    """A ``torch.compile`` function whose guards are checked once per new call signature, not on every call.
+
+    Dynamo evaluates a compiled function's guards on every call (with its frame evaluation about 60 us
+    at 4K tokens, 0.1-0.25 ms at 1M tokens, where the kernel has just evicted the interpreter's
+    working set from the caches). Here each variant is compiled ahead of its call with
+    ``compiled.aot_compile`` (torch >= 2.10), and its guards are checked once per *signature*: type,
+    shape, stride, dtype, device and ``requires_grad`` of every tensor argument and the value of every
+    other argument, which is everything the guards of these graphs read. A signature that no
+    variant's guards accept (dynamo specialises sizes 0 and 1, and sizes that happen to be equal)
+    gets a variant of its own, up to :attr:`MAX_VARIANTS`. Where ``aot_compile`` is missing or
+    fails, and beyond that many variants, the call goes through ``torch.compile`` as usual.
+    """
+
+    MAX_VARIANTS = 8
+    MAX_SIGNATURES = 1024  # memo of signature -> variant; cleared when full (a re-check is cheap)
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+        self.variants: list = []
+        self.by_signature: dict = {}
+        self.direct = hasattr(compiled, "aot_compile")
+
+    def __call__(self, *args):
+        if not self.direct:
+            return self.compiled(*args)
+        signature = tuple(map(_signature, args))
+        call = self.by_signature.get(signature)
+        if call is None:
+            call = self._variant(args)
+            if len(self.by_signature) >= self.MAX_SIGNATURES:
+                self.by_signature.clear()
+            self.by_signature[signature] = call
+        return call(*args)
+
+    def _variant(self, args: tuple) -> Callable:
+        """The first variant whose guards accept ``args``; a new one if none does (or the dynamo path)."""
+        for variant in self.variants:
+            if variant.guard_check(*args):
+                return variant
+        if len(self.variants) >= self.MAX_VARIANTS:
+            return self.compiled
+        try:
+            variant = self.compiled.aot_compile((args, {}))
+            accepted = variant.guard_check(*args)
+        except Exception:  # API differences, caches disabled, ...: dynamo's path, which raises real errors
+            self.direct = False
+            return self.compiled
+        if not accepted:  # never expected; do not trust a variant that rejects its own example
+            return self.compiled
+        variant.disable_guard_check()  # checked here, once per signature
+        self.variants.append(variant)
+        return variant
+
+
+def _signature(arg):
+    """What the guards of the compiled graphs can read from one argument (see :class:`_DirectCall`)."""
+    if isinstance(arg, Tensor):
+        return type(arg), arg.shape, arg.stride(), arg.dtype, arg.device, arg.requires_grad
+    if isinstance(arg, tuple):
+        return tuple(map(_signature, arg))
+    return arg
 
 
 _COMPILE: Callable = _torch_compile  # tests replace it to simulate a machine where compilation fails
