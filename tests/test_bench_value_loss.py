@@ -93,3 +93,33 @@ def test_balanced_orders_let_every_method_follow_every_other_equally_often(n):
     expected = {(a, b) for a in range(n) for b in range(n) if a != b}
     assert set(pairs) == expected
     assert len(set(pairs.values())) <= 1
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 6])
+def test_timed_calls_follow_every_method_equally_often_across_repetitions(n, monkeypatch):
+    """On the executed sequence (untimed calls included), each method's timed calls have every method as
+    predecessor equally often, over whole cycles of the design: no carryover from one repetition's end."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_value_loss as bench
+
+    events = []
+    clock = iter(range(10**6))
+    def perf_counter():  # the clock is read twice per timed call: before it ("start") and after it
+        tick = next(clock)
+        events.append("end" if tick % 2 else "start")
+        return float(tick)
+
+    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    steps = {name: (lambda name=name: events.append(name)) for name in range(n)}
+    cycle = len(bench.balanced_orders(n))
+    first, times = bench.time_methods(steps, repeats=2 * cycle)
+    assert all(len(t) == 2 * cycle for t in times.values())
+    calls = [(i > 0 and events[i - 1] == "start", e) for i, e in enumerate(events) if e not in ("start", "end")]
+    timed = [(calls[k - 1][1], name) for k, (is_timed, name) in enumerate(calls) if is_timed and k > 0]
+    timed = timed[n - 1:]  # after the first calls (timed separately, with no predecessor for the first)
+    assert len(timed) == 2 * cycle * n
+    counts = {}
+    for pair in timed:
+        counts[pair] = counts.get(pair, 0) + 1
+    assert set(counts) == {(a, b) for a in range(n) for b in range(n)}
+    assert len(set(counts.values())) == 1
