@@ -77,6 +77,17 @@ def test_markdown_report_has_one_row_per_configuration_with_the_files_numbers(sh
     assert "- fused speedup vs reference: met in" in text
 
 
+def test_readme_table_is_the_report_of_the_shipped_results():
+    """The README's performance table is --report of benchmarks/results/cpu_full.json, line for line."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_value_loss as bench
+
+    report = bench.markdown_report(bench.load_results(ROOT / "benchmarks" / "results" / "cpu_full.json"))
+    table = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 16
+    assert "\n".join(table) in (ROOT / "README.md").read_text()
+
+
 @pytest.mark.parametrize("n", range(1, 9))
 def test_balanced_orders_let_every_method_follow_every_other_equally_often(n):
     """Each order is a permutation, and every ordered pair (a just before b, a != b) occurs equally often."""
