@@ -389,13 +389,33 @@ def test_direct_call_gives_each_specialisation_its_variant_and_checks_guards_onc
 
 
 @needs_compiler
+def test_direct_call_chooses_again_when_the_number_of_threads_changes():
+    """Inductor bakes the thread count into its C++ loops and dynamo guards on it: so does the memo."""
+    call = _direct_call("threads")
+    x = torch.randn(5, 70000)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.testing.assert_close(call(x), _row_sums(x), rtol=1e-5, atol=1e-4)  # sums of 70000 numbers
+        torch.set_num_threads(2)
+        torch.testing.assert_close(call(x), _row_sums(x), rtol=1e-5, atol=1e-4)
+        assert len(call.variants) == 2
+        assert not call.variants[0].guard_check(x) and call.variants[1].guard_check(x)
+        torch.set_num_threads(1)
+        call(x)
+        assert len(call.variants) == 2 and call.by_signature[fused._signature(x),][0] is call.variants[0]
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_compiler
 def test_direct_call_beyond_its_variants_uses_dynamos_guarded_call():
     call = _direct_call("cap")
     call.MAX_VARIANTS = 1
     square, wide = torch.randn(6, 6), torch.randn(5, 7)
     for x in (square, wide, wide):
         torch.testing.assert_close(call(x), _row_sums(x))
-    assert len(call.variants) == 1 and call.by_signature[fused._signature(wide),] is call.compiled
+    assert len(call.variants) == 1 and call.by_signature[fused._signature(wide),][0] is call.compiled
 
 
 def test_direct_call_without_or_with_a_failing_aot_compile_calls_the_compiled_function():
