@@ -409,6 +409,19 @@ def test_direct_call_chooses_again_when_the_number_of_threads_changes():
 
 
 @needs_compiler
+def test_direct_call_tells_inference_tensors_apart():
+    """An inference tensor has other dispatch keys than a normal one: dynamo's guards tell them apart, so does the memo."""
+    call = _direct_call("inference")
+    x = torch.randn(5, 9)
+    torch.testing.assert_close(call(x), _row_sums(x))
+    with torch.inference_mode():
+        y = torch.randn(5, 9)
+        torch.testing.assert_close(call(y), _row_sums(y))
+    assert fused._signature(x) != fused._signature(y)
+    assert len(call.by_signature) == 2
+
+
+@needs_compiler
 def test_direct_call_beyond_its_variants_uses_dynamos_guarded_call():
     call = _direct_call("cap")
     call.MAX_VARIANTS = 1

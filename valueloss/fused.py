@@ -78,10 +78,10 @@ class _DirectCall:
     at 4K tokens, 0.1-0.25 ms at 1M tokens, where the kernel has just evicted the interpreter's
     working set from the caches). Here each variant is compiled ahead of its call with
     ``compiled.aot_compile`` (torch >= 2.10), and its guards are checked once per *signature*: type,
-    shape, stride, dtype, device and ``requires_grad`` of every tensor argument and the value of every
-    other argument, which is everything the guards of these graphs read besides global state; that
-    (the number of threads, grad mode, ...) is compared on every call by dynamo's own
-    ``GlobalStateGuard`` (0.3 us), and a change chooses the variant again. A signature that no
+    shape, stride, dtype, device, ``requires_grad`` and inference-ness of every tensor argument and
+    the value of every other argument, which is everything the guards of these graphs read besides
+    global state; that (the number of threads, grad mode, ...) is compared on every call by dynamo's
+    own ``GlobalStateGuard`` (0.3 us), and a change chooses the variant again. A signature that no
     variant's guards accept (dynamo specialises sizes 0 and 1, and sizes that happen to be equal)
     gets a variant of its own, up to :attr:`MAX_VARIANTS`. Where ``aot_compile`` is missing or
     fails, and beyond that many variants, the call goes through ``torch.compile`` as usual.
@@ -147,7 +147,7 @@ except AttributeError:  # without it, every call goes through dynamo's guards
 def _signature(arg):
     """What the guards of the compiled graphs can read from one argument (see :class:`_DirectCall`)."""
     if isinstance(arg, Tensor):
-        return type(arg), arg.shape, arg.stride(), arg.dtype, arg.device, arg.requires_grad
+        return type(arg), arg.shape, arg.stride(), arg.dtype, arg.device, arg.requires_grad, arg.is_inference()
     if isinstance(arg, tuple):
         return tuple(map(_signature, arg))
     return arg
