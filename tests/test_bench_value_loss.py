@@ -51,7 +51,7 @@ def test_ratios_are_against_the_same_run(short_run):
 
 
 def test_peak_memory_of_fused_path_is_the_gradient_alone(short_run):
-    """Memory is deterministic: the fused step allocates only values.grad (1x), recomputing or not; the reference ~9.5x."""
+    """Memory is deterministic: the fused step allocates only values.grad (1x), recomputing or not; reference ~9.5x."""
     _, result = short_run
     for row in result["rows"]:
         if row["method"] in ("fused", "fused_recompute"):

@@ -262,7 +262,10 @@ def _scaled_grads(loss_fn, values, old_values, returns, action_mask, coefficient
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_forward_gradient_and_recomputed_gradient_both_match_eager(dtype, mode):
-    """grad_output 1 (the forward's gradient) and 0.3 (recomputed) both give eager's gradient: bf16 bit for bit, fp32 1 ulp."""
+    """grad_output 1 (the forward's gradient) and 0.3 (recomputed) both give eager's gradient.
+
+    bf16 bit for bit, fp32 to 1 ulp.
+    """
     values, old_values, returns, action_mask = _inputs((23, 301), dtype=dtype)
     action_mask[3] = False  # an empty sequence
     counts = {"batch_num_tokens": 5000} if mode == "token-mean" else {"global_batch_size": 30}
@@ -370,7 +373,7 @@ def _direct_call(name):
 
 @needs_compiler
 def test_direct_call_gives_each_specialisation_its_variant_and_checks_guards_once_per_signature():
-    """Dynamo specialises equal sizes to one symbol and sizes 1: such inputs get their own variant, never the wrong one."""
+    """Dynamo specialises equal sizes to one symbol, and sizes 1: such inputs get a variant, never a wrong one."""
     call = _direct_call("variants")
     square, wide, one_row = torch.randn(6, 6), torch.randn(5, 7), torch.randn(1, 9)
     for x in (square, wide, one_row, square, wide):
@@ -410,7 +413,7 @@ def test_direct_call_chooses_again_when_the_number_of_threads_changes():
 
 @needs_compiler
 def test_direct_call_tells_inference_tensors_apart():
-    """An inference tensor has other dispatch keys than a normal one: dynamo's guards tell them apart, so does the memo."""
+    """An inference tensor has other dispatch keys than a normal one: the guards tell them apart, so must the memo."""
     call = _direct_call("inference")
     x = torch.randn(5, 9)
     torch.testing.assert_close(call(x), _row_sums(x))
@@ -457,7 +460,9 @@ def test_fused_sequence_modes_on_square_then_other_shapes():
     for shape in [(33, 33), (20, 33), (33, 20), (1, 33)]:
         values, old_values, returns, action_mask = _inputs(shape, seed=shape[0])
         loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode="seq-mean-token-mean")
-        ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, clip_eps=0.2, mode="seq-mean-token-mean")
+        ref_loss, ref_grad = _reference(
+            values, old_values, returns, action_mask, clip_eps=0.2, mode="seq-mean-token-mean"
+        )
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
@@ -550,7 +555,10 @@ def test_half_precision_retain_graph_recomputes_the_same_gradient():
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inputs_modified_in_place_after_forward(dtype):
-    """loss.backward() hands over the forward's gradient (in-place edits do not change it); a recomputation is refused."""
+    """loss.backward() hands over the forward's gradient (in-place edits do not change it).
+
+    A recomputation (another grad_output) is refused.
+    """
     values, old_values, returns, action_mask = _inputs((41, 401), dtype=dtype)
     leaf = values.clone().requires_grad_(True)
     loss = fused_value_loss(leaf, old_values.clone(), returns, action_mask, clip_eps=0.2)

@@ -27,10 +27,10 @@ which global counts are given, dtypes and mask kind, device; ``clip_eps``, ``hub
 ``scale``, ``dp_size`` and the counts are tensor inputs), with dynamic shapes so that new batch
 shapes do not recompile (inductor may compile a second variant for inputs of at most 4096 tokens,
 and again after ``torch.set_num_threads``). Each is compiled ahead of its first call and then called
-directly (:class:`_DirectCall`): dynamo's guards are checked once per call signature instead of on
-every call, which saved 60-100 us per step at 4K tokens. When compilation fails (no C++ compiler, no Triton,
-...), :func:`fused_value_loss` warns once and falls back to the eager closed form of
-:func:`valueloss.functional.value_loss_grad`.
+directly (:class:`_DirectCall`): dynamo's guards are checked once per call signature (and again when
+global state such as the thread count changes) instead of on every call, which saved 60-100 us per
+step at 4K tokens. When compilation fails (no C++ compiler, no Triton, ...), :func:`fused_value_loss`
+warns once and falls back to the eager closed form of :func:`valueloss.functional.value_loss_grad`.
 
 Only ``values`` is differentiated; there is no second derivative (backward with
 ``create_graph=True`` raises a clear error). ``retain_graph=True`` works: a second backward
@@ -88,7 +88,7 @@ class _DirectCall:
     """
 
     MAX_VARIANTS = 8
-    MAX_SIGNATURES = 1024  # memo of signature -> variant; cleared when full (a re-check is cheap)
+    MAX_SIGNATURES = 1024  # memo of signature -> (variant, global state); cleared when full (re-checks are cheap)
 
     def __init__(self, compiled: Callable) -> None:
         self.compiled = compiled
