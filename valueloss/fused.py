@@ -200,8 +200,8 @@ def _cpu_compiler() -> str | None:
 AUTO_MIN_NUMEL = 65536
 """``fused="auto"`` uses the fused path from this many tokens on.
 
-Per call the fused path takes 0.45x-0.62x the eager path's time at 4K tokens (a fraction of a
-millisecond saved) and is 6.3x-10.9x faster at 128K (``benchmarks/results/cpu_full.json``), but its
+Per call the fused path takes 0.53x-0.73x the eager path's time at 4K tokens (a fraction of a
+millisecond saved) and is 5.5x-10.8x faster at 128K (``benchmarks/results/cpu_full.json``), but its
 first call compiles for seconds; from 64K tokens on it saves milliseconds per call, so the compilation
 pays for itself within a few hundred steps, and small teaching inputs never compile.
 """
