@@ -17,11 +17,12 @@ Methods (all with ``clip_eps=0.2``, token-mean over the mask, ``variant="max"``)
   (:func:`valueloss._codegen.fast_byte_loads`): inductor's vectorised load of ``bool`` on AVX2 CPUs,
   and its plain 8-byte load, are several times slower, and a floor that paid for them would not be
   a floor. It is compiled and called as the fused kernels are (``valueloss.fused._torch_compile``:
-  compiled ahead, dynamo's guards checked once per call signature instead of on every call).
+  compiled ahead, dynamo's guards checked once per call signature and global state, not on every call).
 
 Timing: every repetition runs each method once, in turn (interleaved, so that load on the
 machine hits all methods alike), in the orders of a Williams design (:func:`balanced_orders`):
-across the repetitions each method follows every other method equally often. What ran just before
+across the repetitions each method follows every other method (and, through an untimed call that
+opens each repetition, itself) equally often (:func:`time_methods`). What ran just before
 matters (the reference leaves the caches cold and the allocator busy; a method that reads the same
 inputs leaves them warm); with a fixed order (forward, then reversed) the floor always ran warm,
 after the fused path or after itself, and ``default`` and ``fused``, the same code at 128K tokens
