@@ -85,6 +85,12 @@ class _DirectCall:
     variant's guards accept (dynamo specialises sizes 0 and 1, and sizes that happen to be equal)
     gets a variant of its own, up to :attr:`MAX_VARIANTS`. Where ``aot_compile`` is missing or
     fails, and beyond that many variants, the call goes through ``torch.compile`` as usual.
+
+    The price is paid once per variant and process: ``aot_compile`` bundles its artifacts and so
+    bypasses inductor's FX graph cache, and a first call generates the C++ again (the compiled
+    library itself is still cached). With a warm disk cache that took 0.5-2 s longer than
+    ``torch.compile`` (measured: 1.0-3.5 s against 0.2-2.6 s for three modes). At 60-200 us saved
+    per step that is repaid after 2,500-33,000 steps: a win for training runs, a loss for short scripts.
     """
 
     MAX_VARIANTS = 8
