@@ -439,6 +439,20 @@ def test_direct_call_beyond_its_variants_uses_dynamos_guarded_call():
     assert len(call.variants) == 1 and call.by_signature[fused._signature(wide),][0] is call.compiled
 
 
+def test_direct_call_with_an_unhashable_argument_calls_the_compiled_function():
+    calls = []
+
+    def compiled(xs):
+        calls.append(xs)
+        return xs[0] + xs[1]
+
+    compiled.aot_compile = lambda example: pytest.fail("no signature, so no variant")
+    call = fused._DirectCall(compiled)
+    assert call.direct
+    assert torch.equal(call([torch.ones(2), torch.ones(2)]), torch.full((2,), 2.0))
+    assert len(calls) == 1 and call.by_signature == {} and call.variants == []
+
+
 def test_direct_call_without_or_with_a_failing_aot_compile_calls_the_compiled_function():
     calls = []
 

@@ -106,7 +106,10 @@ class _DirectCall:
         if not self.direct:
             return self.compiled(*args)
         signature = tuple(map(_signature, args))
-        entry = self.by_signature.get(signature)
+        try:
+            entry = self.by_signature.get(signature)
+        except TypeError:  # an unhashable argument (a list, ...): dynamo's guards decide, on every call
+            return self.compiled(*args)
         # The guards also read global state (the number of threads, which inductor's C++ bakes into its
         # loops; grad mode, autocast, the default dtype, ...): a change chooses the variant again.
         if entry is None or not entry[1].check():
