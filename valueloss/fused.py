@@ -60,6 +60,7 @@ __all__ = ["AUTO_MIN_NUMEL", "FusedValueLoss", "compile_available", "fused_value
 _LOCK = threading.Lock()
 _KERNELS: dict = {}
 _CONSTANTS: dict = {}  # (value, dtype, device) -> 0-dim tensor read by the kernels
+_PLANS: dict = {}  # configuration, dtypes, device -> what a call needs besides its tensors (see _plan)
 _COMPILERS: dict = {}  # inductor's list of C++ compilers -> the first one found on the PATH
 _COMPILE_ERROR: str | None = None  # set once compilation has failed; from then on the eager closed form runs
 _WARNED = False
@@ -171,6 +172,7 @@ def reset() -> None:
     with _LOCK:
         _KERNELS.clear()
         _CONSTANTS.clear()
+        _PLANS.clear()
         _COMPILE_ERROR = None
         _WARNED = False
 
@@ -506,6 +508,8 @@ def _flat(t: Tensor | None, shape: tuple) -> Tensor | None:
     """
     if t is None:
         return None
+    if t.requires_grad:  # a view of a tensor that needs a gradient carries autograd's view record: 2 us more
+        t = t.detach()
     t = t.reshape(shape)
     return (t.view(torch.uint8) if t.dtype == torch.bool else t).detach()
 
@@ -524,30 +528,61 @@ def _kernel_inputs(inputs: tuple, config: tuple, kind: str, extra: tuple = ()):
     """(compiled kernel of this kind and configuration, its tensor arguments, its settings, (dtype, bool mask?)).
 
     ``extra`` is appended to the kernel's cache key: whatever else changes the compiled graph.
+    Everything but the tensor arguments comes from :func:`_plan`, worked out once per configuration.
     """
+    values, old_values, returns, action_mask = inputs
+    device = values.device
+    plan_key = (
+        kind, config[:5], extra, device, values.dtype, None if old_values is None else old_values.dtype,
+        returns.dtype, None if action_mask is None else action_mask.dtype,
+    )
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        plan = _PLANS[plan_key] = _plan(inputs, config, kind, extra)
+    key, fn, settings, dtype, mask_is_bool, per_sequence = plan
+    kernel = _KERNELS.get(key)  # looked up on every call: tests swap the cache to change the compiler
+    if kernel is None:
+        kernel = _kernel(key, fn)
+    # Token modes see one flat run of tokens, sequence modes a (sequences, T) matrix: one
+    # symbolic size each, whatever the caller's number of dimensions.
+    shape = (math.prod(values.shape[:-1]), values.shape[-1]) if per_sequence else (values.numel(),)
+    flat = [_flat(t, shape) for t in inputs]
+    return kernel, flat, settings, (dtype, mask_is_bool)
+
+
+def _plan(inputs: tuple, config: tuple, kind: str, extra: tuple) -> tuple:
+    """What :func:`_kernel_inputs` needs besides the tensors: ``(kernel key, graph function, settings,
+    compute dtype, bool mask?, per sequence?)``. It depends on the configuration, the dtypes and the
+    device only, so it is kept in ``_PLANS`` (cleared by :func:`reset`)."""
     values, _, _, action_mask = inputs
     clip_eps, variant, mode, loss_type, huber_delta = config[:5]
     dtype = F._compute_dtype(*inputs[:3])
     per_sequence = mode.startswith("seq-mean")
-    # Token modes see one flat run of tokens, sequence modes a (sequences, T) matrix: one
-    # symbolic size each, whatever the caller's number of dimensions.
-    shape = (math.prod(values.shape[:-1]), values.shape[-1]) if per_sequence else (values.numel(),)
     key = (
         kind, values.device.type, clip_eps is None, variant, loss_type, per_sequence,
         tuple(None if t is None else t.dtype for t in inputs), *extra,
     )
     fn = {"forward": _forward_pass, "grad": _grad_pass}[kind]
-    flat = [_flat(t, shape) for t in inputs]
     clip_eps, huber_delta = (_constant(c, dtype, values.device) for c in (clip_eps, huber_delta))
     mask_is_bool = action_mask is not None and action_mask.dtype == torch.bool
-    return _kernel(key, fn), flat, (clip_eps, variant, loss_type, huber_delta), (dtype, mask_is_bool)
+    return key, fn, (clip_eps, variant, loss_type, huber_delta), dtype, mask_is_bool, per_sequence
 
 
 def _reduction(config: tuple, counts: tuple, tokens_per_sequence: int, dtype: torch.dtype, device) -> tuple:
     """The forward graph's ``reduction`` argument: the mode, and its numbers as 0-dim tensors (or None)."""
     _, _, mode, _, _, scale, dp_size, loss_scale_factor = config
-    like = _constant(0.0, dtype, device)
     norm = _norm(loss_scale_factor, tokens_per_sequence) if mode == "seq-mean-token-sum-norm" else None
+    if counts[0] is None and counts[1] is None:  # the common case: all constants, kept like the plans
+        key = ("reduction", mode, scale, dp_size, norm, dtype, device)
+        reduction = _PLANS.get(key)
+        if reduction is None:
+            reduction = _PLANS[key] = _reduction_tensors(mode, scale, dp_size, norm, counts, dtype, device)
+        return reduction
+    return _reduction_tensors(mode, scale, dp_size, norm, counts, dtype, device)
+
+
+def _reduction_tensors(mode: str, scale: float, dp_size: int, norm: float | None, counts: tuple, dtype, device):
+    like = _constant(0.0, dtype, device)
     return (
         mode, _constant(float(scale), dtype, device), _constant(float(dp_size), dtype, device),
         *(None if count is None else _as_tensor(count, like) for count in counts), _constant(norm, dtype, device),
