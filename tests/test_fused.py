@@ -685,6 +685,33 @@ def test_without_a_cpp_compiler_falls_back_in_a_fresh_process():
     assert lines["equal"] == "True"
 
 
+def test_plans_keep_configurations_apart(uncompiled, monkeypatch):
+    """The per-configuration plans (settings, constants) never leak into another configuration: interleaved
+    calls that differ in one setting each equal the eager formula, before and after reset()."""
+    monkeypatch.setattr(fused, "_WARNED", fused._WARNED)  # reset() below clears it
+    values, old_values, returns, action_mask = _inputs((3, 7))
+    configs = [
+        dict(clip_eps=0.1), dict(clip_eps=0.5), dict(clip_eps=0.1, scale=2.0), dict(clip_eps=0.1, dp_size=2,
+        batch_num_tokens=9), dict(clip_eps=0.1, dp_size=2, batch_num_tokens=torch.tensor(5.0)),
+        dict(clip_eps=0.1, mode="seq-mean-token-sum-norm"), dict(clip_eps=0.1, loss_type="huber", huber_delta=0.3),
+        dict(clip_eps=0.1, mode="seq-mean-token-sum-norm", loss_scale_factor=3.0),
+    ]
+    for _ in range(2):  # the second round after reset()
+        for kwargs in configs + configs[::-1]:
+            loss, grad = _fused_and_grad(values, old_values, returns, action_mask, **kwargs)
+            eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, **kwargs)
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0, msg=str(kwargs))
+            assert torch.equal(grad, eager_grad), kwargs
+        # a different number of tokens per sequence changes the default norm of seq-mean-token-sum-norm
+        short = [t[:, :5] for t in (values, old_values, returns, action_mask)]
+        loss, _ = _fused_and_grad(*short, clip_eps=0.1, mode="seq-mean-token-sum-norm")
+        eager_loss, _ = _eager_and_grad(*short, clip_eps=0.1, mode="seq-mean-token-sum-norm")
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+        assert fused._PLANS
+        fused.reset()
+        assert not fused._PLANS
+
+
 def test_reset_forgets_a_failure(fresh_state, monkeypatch):
     """reset() clears a remembered compilation failure and the compiled kernels."""
     monkeypatch.setattr(fused, "_COMPILE_ERROR", "RuntimeError: simulated")
