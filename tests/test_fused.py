@@ -8,11 +8,13 @@ by the identity), which exercises everything except inductor's code generation.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -384,16 +386,47 @@ def test_direct_call_gives_each_specialisation_its_variant_and_checks_guards_onc
     for x in (square, wide, one_row, square, wide):
         torch.testing.assert_close(call(x), _row_sums(x), rtol=0, atol=0)
     assert call.direct and len(call.variants) == 3
+    # each variant's fast check says what its guard_check says, for inputs it accepts and ones it rejects
+    others = [_small_integers(shape) for shape in [(8, 11), (3, 3), (1, 4), (0, 5)]] + [square.double(), square.t()]
+    for variant, check in zip(call.variants, call.checks):
+        verdicts = [check((x,)) for x in (square, wide, one_row, *others)]
+        assert verdicts == [bool(variant.guard_check(x)) for x in (square, wide, one_row, *others)]
+        assert any(verdicts) and not all(verdicts)
     checks = []
-    for variant in call.variants:
-        original = variant.guard_check
-        variant.guard_check = lambda *args, _original=original: checks.append(1) or _original(*args)
+    call.checks = [lambda args, _check=check: checks.append(1) or _check(args) for check in call.checks]
     for x in (square, wide, one_row):
         call(x)
     assert checks == []  # memoised per signature
     call(_small_integers((8, 11)))  # a new signature: checked once, accepted by the (5, 7) variant
     call(_small_integers((8, 11)))
     assert len(call.variants) == 3 and 1 <= len(checks) <= 3
+
+
+def test_guard_check_falls_back_to_the_variants_own():
+    """Without the artifacts the fast check reads (another torch), or with parameters it cannot zip, a
+    variant's own guard_check decides."""
+
+    class Variant:
+        def __init__(self, artifacts=None):
+            if artifacts is not None:
+                self._artifacts = artifacts
+            self.calls = []
+
+        def guard_check(self, *args):
+            self.calls.append(args)
+            return args[0] > 0
+
+    def with_default(x, y=1):
+        return x
+
+    artifacts = types.SimpleNamespace(
+        guard_manager=types.SimpleNamespace(check=lambda f_locals: pytest.fail("zipped a defaulted signature")),
+        signature=inspect.signature(with_default), runtime_env=types.SimpleNamespace(closure=()),
+    )
+    for variant in (Variant(), Variant(artifacts)):
+        check = fused._guard_check(variant)
+        assert check((1,)) and not check((-1,)) and variant.calls == [(1,), (-1,)]
+        assert not fused._accepts(check, ("not a number",))  # an error in a check is a rejection
 
 
 @needs_compiler
