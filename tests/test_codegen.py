@@ -23,7 +23,7 @@ from torch._inductor.codecache import CppPythonBindingsCodeCache
 from torch._inductor.codegen import cpp as inductor_cpp
 from torch._inductor.graph import GraphLowering
 
-from valueloss import _codegen
+from valueloss import _codegen, fused
 from valueloss._codegen import fast_byte_loads
 
 ISA = cpu_vec_isa.pick_vec_isa()
@@ -138,6 +138,24 @@ def test_generated_code_fast_inside_original_outside():
     assert FAST_8 in code_in and SLOW_8 not in code_in
     assert SLOW_8 in code_out and FAST_8 not in code_out
     assert torch.equal(out_in, out_out)
+
+
+@needs_avx2
+def test_fused_run_of_a_direct_call_generates_the_fast_code():
+    """valueloss.fused._run enters the context only where code may be generated: a direct call's compilation is
+    such a step, its memoised calls are not (and generate nothing)."""
+    args = _inputs(1003, torch.float32, torch.uint8, seed=1)
+    call = fused._DirectCall(_new_compiled("lambda v, o, r, m: (v + o + r * m) * 2.0"))
+    cpu = torch.device("cpu")
+    with inductor_config.patch(fx_graph_cache=False), _capture_code() as sources:
+        first = fused._run(call, cpu, *args)
+        compiled_code = "\n".join(sources)
+        second = fused._run(call, cpu, *args)
+    assert call.direct and len(call.variants) == 1 and len(call.by_signature) == 1
+    assert FAST_8 in compiled_code and SLOW_8 not in compiled_code
+    assert "\n".join(sources) == compiled_code  # the memoised call generated nothing
+    v, o, r, m = (t.float() for t in args)
+    assert torch.equal(first, (v + o + r * m) * 2.0) and torch.equal(second, first)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.int8])

@@ -8,6 +8,7 @@ by the identity), which exercises everything except inductor's code generation.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
@@ -427,6 +428,29 @@ def test_guard_check_falls_back_to_the_variants_own():
         check = fused._guard_check(variant)
         assert check((1,)) and not check((-1,)) and variant.calls == [(1,), (-1,)]
         assert not fused._accepts(check, ("not a number",))  # an error in a check is a rejection
+
+
+@needs_compiler
+def test_direct_call_generates_code_only_inside_its_codegen_context():
+    """Compiling a variant, its first call and dynamo's path run inside ``codegen()``; memoised calls do not."""
+    entered = []
+
+    @contextlib.contextmanager
+    def codegen():
+        entered.append(1)
+        yield
+
+    call = _direct_call("codegen")
+    x, y = _small_integers((5, 7)), _small_integers((6, 8))
+    for args, expected in [(x, 1), (x, 1), (y, 2), (x, 2), (y, 2)]:
+        torch.testing.assert_close(call.call((args,), codegen), _row_sums(args), rtol=0, atol=0)
+        assert len(entered) == expected
+    assert len(call.variants) == 1
+    call.MAX_VARIANTS = 1
+    one_row = _small_integers((1, 9))  # size 1: a specialisation of its own, beyond the cap
+    for expected in (3, 4):
+        torch.testing.assert_close(call.call((one_row,), codegen), _row_sums(one_row), rtol=0, atol=0)
+        assert len(entered) == expected and call.by_signature[fused._signature(one_row),][0] is call.compiled
 
 
 @needs_compiler
