@@ -432,7 +432,8 @@ def test_guard_check_falls_back_to_the_variants_own():
 
 @needs_compiler
 def test_direct_call_generates_code_only_inside_its_codegen_context():
-    """Compiling a variant, its first call and dynamo's path run inside ``codegen()``; memoised calls do not."""
+    """Compiling a variant and dynamo's path run inside ``codegen()``; calls of a compiled variant do not, even
+    for a signature it has not seen (inductor writes the code in aot_compile)."""
     entered = []
 
     @contextlib.contextmanager
@@ -442,13 +443,13 @@ def test_direct_call_generates_code_only_inside_its_codegen_context():
 
     call = _direct_call("codegen")
     x, y = _small_integers((5, 7)), _small_integers((6, 8))
-    for args, expected in [(x, 1), (x, 1), (y, 2), (x, 2), (y, 2)]:
+    for args, expected in [(x, 1), (x, 1), (y, 1), (x, 1), (y, 1)]:
         torch.testing.assert_close(call.call((args,), codegen), _row_sums(args), rtol=0, atol=0)
         assert len(entered) == expected
     assert len(call.variants) == 1
     call.MAX_VARIANTS = 1
     one_row = _small_integers((1, 9))  # size 1: a specialisation of its own, beyond the cap
-    for expected in (3, 4):
+    for expected in (2, 3):
         torch.testing.assert_close(call.call((one_row,), codegen), _row_sums(one_row), rtol=0, atol=0)
         assert len(entered) == expected and call.by_signature[fused._signature(one_row),][0] is call.compiled
 

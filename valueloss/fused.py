@@ -109,8 +109,9 @@ class _DirectCall:
         return self.call(args)
 
     def call(self, args: tuple, codegen: Callable = contextlib.nullcontext):
-        """``compiled(*args)``, with every step that may generate code (compiling a variant, a variant's
-        first call, dynamo's path) inside the context manager ``codegen()``; a memoised call runs without it.
+        """``compiled(*args)``, with the steps that generate code (compiling a variant, dynamo's path, which
+        may recompile) inside the context manager ``codegen()``. A compiled variant generates none when
+        called (inductor writes its code in ``aot_compile``), so its calls run without it.
         """
         if not self.direct:
             with codegen():
@@ -123,18 +124,17 @@ class _DirectCall:
                 return self.compiled(*args)
         # The guards also read global state (the number of threads, which inductor's C++ bakes into its
         # loops; grad mode, autocast, the default dtype, ...): a change chooses the variant again.
-        if entry is not None and entry[0] is not self.compiled and entry[1].check():
-            return entry[0](*args)
-        state = _GlobalStateGuard()
-        with codegen():
-            if entry is None or not entry[1].check():
-                entry = self._variant(args), state
-                if len(self.by_signature) >= self.MAX_SIGNATURES:
-                    self.by_signature.clear()
-                self.by_signature[signature] = entry
-            return entry[0](*args)
+        if entry is None or not entry[1].check():
+            entry = self._variant(args, codegen), _GlobalStateGuard()
+            if len(self.by_signature) >= self.MAX_SIGNATURES:
+                self.by_signature.clear()
+            self.by_signature[signature] = entry
+        if entry[0] is self.compiled:
+            with codegen():
+                return self.compiled(*args)
+        return entry[0](*args)
 
-    def _variant(self, args: tuple) -> Callable:
+    def _variant(self, args: tuple, codegen: Callable = contextlib.nullcontext) -> Callable:
         """The first variant whose guards accept ``args``; a new one if none does (or the dynamo path)."""
         for variant, check in zip(self.variants, self.checks):
             if _accepts(check, args):
@@ -142,7 +142,8 @@ class _DirectCall:
         if len(self.variants) >= self.MAX_VARIANTS:
             return self.compiled
         try:
-            variant = self.compiled.aot_compile((args, {}))
+            with codegen():
+                variant = self.compiled.aot_compile((args, {}))
             check = _guard_check(variant)
             accepted = _accepts(check, args)
         except Exception:  # API differences, caches disabled, ...: dynamo's path, which raises real errors
@@ -411,8 +412,9 @@ def _run(kernel: Callable, device: torch.device, *args):
     """``kernel(*args)``; on CPU inside :func:`valueloss._codegen.fast_byte_loads` (bool masks are bytes).
 
     Inductor generates code at the first call and at recompilations, in the calling thread: every
-    call that may do so is wrapped. A :class:`_DirectCall` whose call is memoised generates none,
-    and skips the wrapping (14 us at 4K tokens, about 40 us after a kernel that evicted the caches).
+    call that may do so is wrapped. A :class:`_DirectCall` wraps only its compilations and dynamo's
+    path; its compiled variants generate no code when called, and skip the wrapping (14 us at 4K
+    tokens, about 40 us after a kernel that evicted the caches).
     """
     if device.type != "cpu":
         return kernel(*args)
