@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -122,6 +121,7 @@ def measure(tokens: int, calls: int, warmup: int = 5, seed: int = 0) -> dict:
 
 
 def run(tokens=(16384, 131072), calls: int = 150, log=print) -> dict:
+    machine = bench.machine_info()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -135,7 +135,8 @@ def run(tokens=(16384, 131072), calls: int = 150, log=print) -> dict:
             log(f"{n:>8} tokens: " + "  ".join(cells) + f"  new signatures per new_shape call {new_signatures:.2f}")
     finally:
         torch.set_num_threads(previous)
-    return {"machine": bench.machine_info(), "threads": 1, "rows": rows}
+    bench.record_load_end(machine)
+    return {"machine": machine, "threads": 1, "rows": rows}
 
 
 def main(argv=None):
@@ -144,14 +145,10 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=150)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    info = bench.machine_info()
-    load = info.get("load_average_start")
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {load}")
+    bench.print_machine(bench.machine_info())
     result = run(args.tokens, args.calls)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        bench.write_json(result, args.json)
     return result
 
 

@@ -348,6 +348,25 @@ def machine_info():
     return info
 
 
+def record_load_end(machine):
+    """Add the load average at the end of a run to ``machine`` (a :func:`machine_info` taken at its start)."""
+    if hasattr(os, "getloadavg"):
+        machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+
+
+def print_machine(info):
+    """The first line of every benchmark's output: where it runs, and under what load."""
+    load = info.get("load_average_start")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {load}")
+
+
+def write_json(result, path):
+    """Write a benchmark's results as JSON to ``path`` and say so."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
 def run(short=False, device="cpu", repeats=None, sizes=None, dtypes=None, masks=None, threads=None, log=print):
     """Run the benchmark; returns a JSON-ready dict (machine, settings, one row per configuration and method)."""
     sizes = sizes or (["128K", "1M"] if short else list(SIZES))
@@ -377,8 +396,7 @@ def run(short=False, device="cpu", repeats=None, sizes=None, dtypes=None, masks=
                         log(_format_rows(rows))
     finally:
         torch.set_num_threads(threads_before)
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(result["machine"])
     return result
 
 
@@ -426,14 +444,10 @@ def main(argv=None):
     if args.report:
         print(markdown_report(load_results(args.report)))
         return None
-    info = machine_info()
-    load = info.get("load_average_start")
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {load}")
+    print_machine(machine_info())
     result = run(short=args.short, device=args.device, repeats=args.repeats)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(result, args.json)
     return result
 
 
