@@ -252,8 +252,8 @@ def _cpu_compiler() -> str | None:
 AUTO_MIN_NUMEL = 65536
 """``fused="auto"`` uses the fused path from this many tokens on.
 
-Per call the fused path takes 0.41x-0.59x the eager path's time at 4K tokens (a fraction of a
-millisecond saved) and is 6.4x-11.5x faster at 128K (``benchmarks/results/cpu_full.json``), but its
+Per call the fused path takes 0.43x-0.53x the eager path's time at 4K tokens (a fraction of a
+millisecond saved) and is 6.9x-12.6x faster at 128K (``benchmarks/results/cpu_full.json``), but its
 first call compiles for seconds; from 64K tokens on it saves milliseconds per call, so the compilation
 pays for itself within a few hundred steps, and small teaching inputs never compile.
 """
