@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: all lab app test lint venv clean browser screenshot
+.PHONY: all lab app test test-min lint venv clean browser screenshot
 
 all: test
 
@@ -71,8 +71,23 @@ test: $(STAMP) browser
 	VALUELOSS_CHROMIUM=$(CHROMIUM) \
 	$(BIN)/python -m pytest -q --timeout=900 $(NBVAL_FLAGS) tests valueloss notebooks $(PYTEST_ARGS)
 
+# The core package (functional, loss, fused, distributed) on the oldest torch that pyproject.toml
+# allows, in a venv of its own; not part of `make test` (PyPI's torch 2.1.2 is a CUDA build, about
+# 4.7 GB with its libraries and 3 minutes to install here; it runs on the CPU). There the fused path
+# runs the eager closed form (valueloss.fused.MIN_COMPILE_TORCH) and its compiled tests skip.
+MIN_VENV  ?= .venv-min
+MIN_TORCH ?= torch==2.1.2
+MIN_TESTS := tests/test_functional.py tests/test_loss.py tests/test_fused.py tests/test_distributed.py
+
+test-min:
+	@if [ ! -x "$(MIN_VENV)/bin/python" ]; then $(PYTHON) -m venv $(MIN_VENV); fi
+	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(MIN_TORCH)" "numpy<2"
+	grep -v -E '^(torch|numpy|triton|nvidia-[a-z0-9-]+)==' constraints.txt > $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(MIN_VENV)/constraints.txt -e '.[test]'
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=900 $(MIN_TESTS) $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check valueloss tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) *.egg-info .hypothesis

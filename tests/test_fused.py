@@ -124,6 +124,7 @@ def uncompiled(monkeypatch):
     monkeypatch.setattr(fused, "_KERNELS", {})
     monkeypatch.setattr(fused, "_COMPILE", lambda fn: fn)
     monkeypatch.setattr(fused, "_COMPILE_ERROR", None)
+    monkeypatch.setattr(fused, "_OLD_TORCH", None)  # the kernels' source runs on any torch, uncompiled
 
 
 @pytest.fixture
@@ -135,6 +136,12 @@ def fresh_state(monkeypatch):
 
 
 needs_compiler = pytest.mark.skipif(not fused.compile_available("cpu"), reason="no C++ compiler for inductor")
+needs_global_state_guard = pytest.mark.skipif(
+    fused._GlobalStateGuard is None, reason="this torch has no GlobalStateGuard: the direct call is never direct"
+)
+needs_aot_compile = pytest.mark.skipif(
+    not hasattr(torch.compile(lambda x: x), "aot_compile"), reason="this torch has no aot_compile (torch >= 2.10)"
+)
 
 
 # --------------------------------------------------------------------------- the full matrix, uncompiled
@@ -202,6 +209,7 @@ def test_random_shapes_and_masks_match_eager(rows, tokens, clip_eps, mode, keep_
         mp.setattr(fused, "_KERNELS", {})
         mp.setattr(fused, "_COMPILE", lambda fn: fn)
         mp.setattr(fused, "_COMPILE_ERROR", None)
+        mp.setattr(fused, "_OLD_TORCH", None)
         values, old_values, returns, _ = _inputs((rows, tokens), seed=seed)
         action_mask = torch.rand((rows, tokens), generator=torch.Generator().manual_seed(seed)) < keep_fraction
         loss, grad = _fused_and_grad(values, old_values, returns, action_mask, clip_eps=clip_eps, mode=mode)
@@ -380,6 +388,7 @@ def _direct_call(name):
 
 
 @needs_compiler
+@needs_aot_compile
 def test_direct_call_gives_each_specialisation_its_variant_and_checks_guards_once_per_signature():
     """Dynamo specialises equal sizes to one symbol, and sizes 1: such inputs get a variant, never a wrong one."""
     call = _direct_call("variants")
@@ -431,6 +440,7 @@ def test_guard_check_falls_back_to_the_variants_own():
 
 
 @needs_compiler
+@needs_aot_compile
 def test_direct_call_generates_code_only_inside_its_codegen_context():
     """Compiling a variant and dynamo's path run inside ``codegen()``; calls of a compiled variant do not, even
     for a signature it has not seen (inductor writes the code in aot_compile)."""
@@ -455,6 +465,7 @@ def test_direct_call_generates_code_only_inside_its_codegen_context():
 
 
 @needs_compiler
+@needs_aot_compile
 def test_direct_call_chooses_again_when_the_number_of_threads_changes():
     """Inductor bakes the thread count into its C++ loops and dynamo guards on it: so does the memo."""
     call = _direct_call("threads")
@@ -475,6 +486,7 @@ def test_direct_call_chooses_again_when_the_number_of_threads_changes():
 
 
 @needs_compiler
+@needs_aot_compile
 def test_direct_call_tells_inference_tensors_apart():
     """An inference tensor has other dispatch keys than a normal one: the guards tell them apart, so must the memo."""
     call = _direct_call("inference")
@@ -488,6 +500,7 @@ def test_direct_call_tells_inference_tensors_apart():
 
 
 @needs_compiler
+@needs_aot_compile
 def test_direct_call_beyond_its_variants_uses_dynamos_guarded_call():
     call = _direct_call("cap")
     call.MAX_VARIANTS = 1
@@ -497,6 +510,7 @@ def test_direct_call_beyond_its_variants_uses_dynamos_guarded_call():
     assert len(call.variants) == 1 and call.by_signature[fused._signature(wide),][0] is call.compiled
 
 
+@needs_global_state_guard
 def test_direct_call_with_an_unhashable_argument_calls_the_compiled_function():
     calls = []
 
@@ -511,6 +525,7 @@ def test_direct_call_with_an_unhashable_argument_calls_the_compiled_function():
     assert len(calls) == 1 and call.by_signature == {} and call.variants == []
 
 
+@needs_global_state_guard
 def test_direct_call_without_or_with_a_failing_aot_compile_calls_the_compiled_function():
     calls = []
 
@@ -696,6 +711,7 @@ def test_compile_failure_falls_back_with_one_warning(fresh_state, monkeypatch):
         return compiled
 
     monkeypatch.setattr(fused, "_COMPILE", broken_compile)
+    monkeypatch.setattr(fused, "_OLD_TORCH", None)  # a torch new enough, whose compilation fails
     values, old_values, returns, action_mask = _inputs((6, 50), mask="float")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -709,6 +725,28 @@ def test_compile_failure_falls_back_with_one_warning(fresh_state, monkeypatch):
         eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad, eager_grad)
+
+
+def test_torch_older_than_the_tested_minimum_runs_the_eager_closed_form(fresh_state, monkeypatch):
+    """With a torch older than MIN_COMPILE_TORCH nothing is compiled: "auto" stays eager, fused=True warns
+    once (naming the version) and gives eager's results; the check itself compares versions correctly."""
+    assert fused._OLD_TORCH is None if torch.__version__ >= fused.MIN_COMPILE_TORCH else fused._OLD_TORCH
+    monkeypatch.setattr(fused, "_OLD_TORCH", "torch 2.1.2 is older than 2.6, the oldest whose compiled kernels ...")
+    monkeypatch.setattr(fused, "_COMPILE", lambda fn: pytest.fail("nothing may be compiled"))
+    values, old_values, returns, action_mask = _inputs((6, 50))
+    assert not fused.compile_available("cpu")
+    assert not fused.use_fused("auto", values.expand(400, 6, 50).requires_grad_(True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [_fused_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=m) for m in MODES]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "torch 2.1.2 is older than 2.6" in messages[0]
+    for mode, (loss, grad) in zip(MODES, results, strict=True):
+        eager_loss, eager_grad = _eager_and_grad(values, old_values, returns, action_mask, clip_eps=0.2, mode=mode)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, eager_grad)
+    fused.reset()  # forgets compilation failures, not the version
+    assert not fused.compile_available("cpu")
 
 
 _NO_COMPILER_SCRIPT = """

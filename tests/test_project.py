@@ -67,6 +67,19 @@ def test_constraints_pin_every_declared_dependency_within_its_range():
         assert Requirement(f"{name}{specifier}").specifier.contains(pins[name], prereleases=True), (name, pins[name])
 
 
+def test_make_test_min_checks_the_oldest_torch_pyproject_allows():
+    """`make test-min` installs the lowest torch release that pyproject.toml's range admits (its x.y.z with
+    the declared x.y), so the declared minimum is the one checked; and fused's compile minimum lies above it."""
+    (declared,) = Requirement(f"torch{_pyproject_requirements()['torch']}").specifier
+    assert declared.operator == ">="
+    match = re.search(r"^MIN_TORCH \?= torch==(\d+)\.(\d+)\.(\d+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert match, "the Makefile sets MIN_TORCH ?= torch==x.y.z"
+    assert tuple(int(part) for part in declared.version.split(".")[:2]) == tuple(int(g) for g in match.groups()[:2])
+    fused_source = (ROOT / "valueloss/fused.py").read_text()
+    compile_minimum = re.search(r"^MIN_COMPILE_TORCH = \((\d+), (\d+)\)$", fused_source, re.M)
+    assert compile_minimum and tuple(map(int, compile_minimum.groups())) >= tuple(map(int, match.groups()[:2]))
+
+
 def test_import_does_not_load_plotting_or_widgets():
     """`import valueloss` loads neither matplotlib nor ipywidgets (checked in a fresh interpreter)."""
     code = "import sys, valueloss; print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"

@@ -78,7 +78,11 @@ import threading
 from typing import Any
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+
+try:  # torch >= 2.6; older releases have no custom graph passes, and then no rewrite either (see _install)
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+except ImportError:  # pragma: no cover - exercised by the minimum-versions run (make test-min)
+    CustomGraphPass, get_custom_graph_passes = object, None
 
 __all__ = ["fast_byte_loads", "REWRITE_VERSION"]
 
@@ -170,6 +174,9 @@ def _install() -> bool:
     global _install_state
     if _install_state is not None:
         return _install_state
+    if get_custom_graph_passes is None:
+        _install_state = False
+        return False
     with _install_lock:
         if _install_state is None:
             # Published only once decided: a thread racing past the unlocked read never sees a half state.

@@ -64,6 +64,15 @@ _CONSTANTS: dict = {}  # (value, dtype, device) -> 0-dim tensor read by the kern
 _PLANS: dict = {}  # configuration, dtypes, device -> what a call needs besides its tensors (see _plan)
 _COMPILERS: dict = {}  # inductor's list of C++ compilers -> the first one found on the PATH
 _COMPILE_ERROR: str | None = None  # set once compilation has failed; from then on the eager closed form runs
+MIN_COMPILE_TORCH = (2, 6)
+"""The oldest torch whose compiled kernels the tests check (``make test-min`` runs them on it): older
+inductors differ (torch 2.1's fp32 gradients were 2 ulp off eager's, not 1) and lack what the direct
+call and the fast byte loads use. With an older torch the fused path runs the eager closed form."""
+_OLD_TORCH: str | None = (
+    None if torch.__version__ >= MIN_COMPILE_TORCH
+    else f"torch {torch.__version__} is older than {'.'.join(map(str, MIN_COMPILE_TORCH))}, the oldest whose "
+    "compiled kernels valueloss tests"
+)
 _WARNED = False
 
 
@@ -189,6 +198,15 @@ def _accepts(check: Callable[[tuple], bool], args: tuple) -> bool:
         return False
 
 
+def _is_compiling() -> bool:
+    """Whether we are being traced by ``torch.compile`` (``torch.compiler.is_compiling`` from torch 2.3 on;
+    dynamo's own function before)."""
+    return _IS_COMPILING()
+
+
+_IS_COMPILING: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 try:  # dynamo's check of the global state its guards read (C++, 0.3 us)
     _GlobalStateGuard = torch._C._dynamo.guards.GlobalStateGuard
 except AttributeError:  # without it, every call goes through dynamo's guards
@@ -221,10 +239,11 @@ def reset() -> None:
 def compile_available(device: torch.device | str = "cpu") -> bool:
     """Whether the fused kernel can be compiled for ``device``, judged without compiling anything.
 
-    False after a compilation has failed in this process; on CPU it needs the C++ compiler that
-    inductor is configured with, on CUDA the ``triton`` package. Other devices: False.
+    False with a torch older than :data:`MIN_COMPILE_TORCH` and after a compilation has failed in this
+    process; on CPU it needs the C++ compiler that inductor is configured with, on CUDA the ``triton``
+    package. Other devices: False.
     """
-    if _COMPILE_ERROR is not None:
+    if _unavailable() is not None:
         return False
     device_type = torch.device(device).type
     if device_type == "cpu":
@@ -274,7 +293,7 @@ def use_fused(fused: bool | str, values: Tensor, *others: Tensor | None) -> bool
         and torch.is_grad_enabled()
         and values.numel() >= AUTO_MIN_NUMEL
         and not any(t is not None and t.requires_grad for t in others)
-        and not torch.compiler.is_compiling()
+        and not _is_compiling()
         and compile_available(values.device)
     )
 
@@ -653,7 +672,7 @@ def _forward(values, old_values, returns, action_mask, config, counts):
     """(loss, gradient for grad_output 1 or None, denominators, compiled?) by the compiled forward graph,
     or by the eager closed form."""
     inputs = (values, old_values, returns, action_mask)
-    if _COMPILE_ERROR is None and values.numel() > 0:
+    if _unavailable() is None and values.numel() > 0:
         # Only on CPU can backward read grad_output without a synchronisation, to use this gradient.
         write_grad = values.device.type == "cpu"
         try:
@@ -683,7 +702,7 @@ def _forward(values, old_values, returns, action_mask, config, counts):
 def _recompute_grad(inputs: tuple, grad_output: Tensor, scale_tokens: Tensor, ctx) -> Tensor:
     """The gradient for ``values`` by the compiled gradient pass (or the eager closed form if it fails)."""
     values = inputs[0]
-    if _COMPILE_ERROR is None:
+    if _unavailable() is None:
         try:
             kernel, flat, settings, (dtype, mask_is_bool) = _kernel_inputs(inputs, ctx.config, "grad")
             grad = _run(kernel, values.device, *flat, *settings, scale_tokens.to(dtype), dtype, mask_is_bool)
@@ -707,6 +726,11 @@ def _eager_kwargs(config: tuple, counts: tuple) -> dict:
     )
 
 
+def _unavailable() -> str | None:
+    """Why the fused kernels are not compiled in this process (too old a torch, or a failed compilation), or None."""
+    return _OLD_TORCH or _COMPILE_ERROR
+
+
 def _remember_failure(error: Exception) -> None:
     global _COMPILE_ERROR
     message = str(error).strip()
@@ -718,7 +742,7 @@ def _warn_fallback() -> None:
     if not _WARNED:
         _WARNED = True
         warnings.warn(
-            f"valueloss.fused: torch.compile is unavailable ({_COMPILE_ERROR}); using the eager closed-form "
+            f"valueloss.fused: torch.compile is unavailable ({_unavailable()}); using the eager closed-form "
             "gradient instead (same results, slower). This warning is shown once.",
             RuntimeWarning,
             stacklevel=4,
@@ -774,7 +798,7 @@ def fused_value_loss(
             )
     config = (clip_eps, variant, mode, loss_type, huber_delta, scale, dp_size, loss_scale_factor)
     counts = (batch_num_tokens, global_batch_size)
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         # Inside the caller's own torch.compile region: let that compiler fuse the eager formula.
         return F.value_loss(values, old_values, returns, action_mask, **_eager_kwargs(config, counts))
     return FusedValueLoss.apply(values, old_values, returns, action_mask, config, counts)
