@@ -174,9 +174,6 @@ def _install() -> bool:
     global _install_state
     if _install_state is not None:
         return _install_state
-    if get_custom_graph_passes is None:
-        _install_state = False
-        return False
     with _install_lock:
         if _install_state is None:
             # Published only once decided: a thread racing past the unlocked read never sees a half state.
@@ -187,6 +184,8 @@ def _install() -> bool:
 def _wrap_load_line() -> bool:
     """Install the wrapper and bind ``_swap``; False, with nothing changed, if torch's internals differ."""
     global _swap
+    if get_custom_graph_passes is None:  # no custom graph passes (torch < 2.6): no cache key for the rewrite
+        return False
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor.codegen import cpp

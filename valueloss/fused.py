@@ -199,13 +199,8 @@ def _accepts(check: Callable[[tuple], bool], args: tuple) -> bool:
         return False
 
 
-def _is_compiling() -> bool:
-    """Whether we are being traced by ``torch.compile`` (``torch.compiler.is_compiling`` from torch 2.3 on;
-    dynamo's own function before)."""
-    return _IS_COMPILING()
-
-
-_IS_COMPILING: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+# Whether we are being traced by torch.compile: torch.compiler.is_compiling from torch 2.3 on, dynamo's own before.
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 try:  # dynamo's check of the global state its guards read (C++, 0.3 us)
@@ -397,8 +392,10 @@ def _forward_pass(values, old_values, returns, action_mask, weight_sum, clip_eps
     per_sequence = mode.startswith("seq-mean")
     if weight_sum is None and action_mask is not None:  # bytes sum exactly in int32; other float masks in dtype
         # (unused, and dropped by inductor, where the mode does not divide by the mask's sums)
-        counted = action_mask.to(torch.int32) if mask_is_bool else action_mask.to(dtype)
-        weight_sum = _sum(counted, per_sequence, count_dtype if mask_is_bool else None).to(dtype)
+        if mask_is_bool:
+            weight_sum = _sum(action_mask.to(torch.int32), per_sequence, count_dtype).to(dtype)
+        else:
+            weight_sum = _sum(action_mask.to(dtype), per_sequence).to(dtype)
     denominators = _denominators(weight_sum, mode, batch_num_tokens, global_batch_size)
     if write_grad:
         one = torch.ones((), dtype=dtype, device=values.device)
