@@ -399,6 +399,9 @@ def _worker(rank, port, data_path, out_path):
                 out[(mode, micro, strategy)] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
             results[world] = out
         torch.save(results, out_path)
+        # Every rank done before any tears down: rank 2, which skips the 2-rank cases, once hung in
+        # destroy_process_group() after ranks 0 and 1 had exited (results written, killed at the deadline).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
