@@ -4,7 +4,8 @@ Nothing here imports valueloss. Two references:
 
 * ``loss_loops`` / ``grad_loops``: the per-token loss, its derivative and every aggregation mode with
   Python floats (IEEE double) and explicit loops, with the conventions spelled out by hand
-  (closed clip band, ties of the max split 50/50, empty rows and batches contribute 0).
+  (the clip band closed or open as autograd's ``clamp`` has it, ties of the max split 50/50, empty rows
+  and batches contribute 0).
 * ``openrlhf_formula``: OpenRLHF's ValueLoss as published (openrlhf/models/loss.py, ValueLoss and
   agg_loss, checked 2026-11-25), re-expressed with torch ops so autograd gives its gradients.
 """
@@ -26,6 +27,42 @@ def _penalty_slope(error: float, loss_type: str, delta: float) -> float:
     return 2.0 * min(max(error, -delta), delta)
 
 
+def autograd_band_closed() -> bool:
+    """Whether the installed torch's ``clamp`` passes the gradient at its bounds: torch <= 2.13 does
+    (subgradient 1, a closed band), torch >= 2.14 does not with number bounds (0, an open band)."""
+    x = torch.tensor([-0.25, 0.25], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.clamp(x, -0.25, 0.25).sum(), x)
+    assert grad.tolist() in ([1.0, 1.0], [0.0, 0.0]), f"a clamp convention the reference does not know: {grad}"
+    return grad.tolist() == [1.0, 1.0]
+
+
+AUTOGRAD_BAND_CLOSED = autograd_band_closed()
+
+
+class ClampWithEdge(torch.autograd.Function):
+    """``x.clamp(lo, hi)`` (number bounds) whose gradient at ``x == lo`` or ``x == hi`` is ``edge``:
+    1 as torch <= 2.13's clamp, 0 as torch >= 2.14's; 1 strictly inside, 0 outside and for NaN."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, edge):
+        ctx.save_for_backward(x)
+        ctx.bounds = (lo, hi, edge)
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        lo, hi, edge = ctx.bounds
+        inside = (x > lo) & (x < hi)
+        on_edge = (x == lo) | (x == hi)
+        return torch.where(inside, grad, torch.where(on_edge, edge * grad, 0.0)), None, None, None
+
+
+def clamp_with_edge(edge: float):
+    """A ``clamp(x, lo, hi)`` function whose gradient at the bounds is ``edge`` (see :class:`ClampWithEdge`)."""
+    return lambda x, lo, hi: ClampWithEdge.apply(x, lo, hi, edge)
+
+
 def token_loss(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0) -> float:
     """The per-token loss of one prediction."""
     unclipped = _penalty(v - r, loss_type, delta)
@@ -36,14 +73,17 @@ def token_loss(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0)
     return clipped if variant == "clipped" else max(clipped, unclipped)
 
 
-def token_grad(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0) -> float:
-    """d token_loss / d v with autograd's conventions: closed band, ties split in half."""
+def token_grad(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0, band_closed=None) -> float:
+    """d token_loss / d v with autograd's conventions: the band closed or open (``band_closed``; by
+    default as the installed torch's ``clamp``), ties split in half."""
+    if band_closed is None:
+        band_closed = AUTOGRAD_BAND_CLOSED
     slope_unclipped = _penalty_slope(v - r, loss_type, delta)
     if clip_eps is None:
         return slope_unclipped
     d = v - o
     v_clipped = o + min(max(d, -clip_eps), clip_eps)
-    in_band = -clip_eps <= d <= clip_eps
+    in_band = -clip_eps <= d <= clip_eps if band_closed else -clip_eps < d < clip_eps
     slope_clipped = _penalty_slope(v_clipped - r, loss_type, delta) if in_band else 0.0
     if variant == "clipped":
         return slope_clipped
@@ -103,15 +143,15 @@ def loss_loops(values, old_values, returns, mask=None, *, clip_eps=None, variant
 
 
 def grad_loops(values, old_values, returns, mask=None, *, clip_eps=None, variant="max", mode="token-mean",
-               loss_type="squared", delta=1.0, scale=0.5, **counts) -> torch.Tensor:
-    """d loss / d values as a float64 tensor of the values' shape."""
+               loss_type="squared", delta=1.0, scale=0.5, band_closed=None, **counts) -> torch.Tensor:
+    """d loss / d values as a float64 tensor of the values' shape (``band_closed`` as in :func:`token_grad`)."""
     V, O, R = _rows(values), _rows(old_values), _rows(returns)
     M = _rows(mask) if mask is not None else [[1.0] * len(row) for row in V]
     W = weights_loops(M, mode, **counts)
     out = []
     for vr, orow, rr, wr, mr in zip(V, O, R, W, M):
         out.append([
-            scale * w * token_grad(v, o, r, clip_eps, variant, loss_type, delta) if m != 0 else 0.0
+            scale * w * token_grad(v, o, r, clip_eps, variant, loss_type, delta, band_closed) if m != 0 else 0.0
             for v, o, r, w, m in zip(vr, orow, rr, wr, mr)
         ])
     return torch.tensor(out, dtype=torch.float64).reshape(values.shape)

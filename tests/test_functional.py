@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import grad_loops, loss_loops, token_grad, token_loss
+from reference import AUTOGRAD_BAND_CLOSED, clamp_with_edge, grad_loops, loss_loops, token_grad, token_loss
 
 from valueloss import functional as F
 from valueloss import fused
@@ -47,6 +49,18 @@ def batches(draw, dtype=torch.float64):
 settings_kw = dict(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@contextlib.contextmanager
+def band(closed: bool):
+    """valueloss's closed form and region map with the band's edges ``closed`` (as torch <= 2.13's
+    clamp) or open (as torch >= 2.14's), whichever torch is installed."""
+    saved = F.BAND_CLOSED
+    F.BAND_CLOSED = closed
+    try:
+        yield
+    finally:
+        F.BAND_CLOSED = saved
+
+
 @settings(**settings_kw)
 @given(
     batch=batches(),
@@ -73,47 +87,78 @@ def test_value_loss_and_gradients_match_loop_reference(batch, clip_eps, variant,
 
 @settings(**settings_kw)
 @given(batch=batches(), clip_eps=st.sampled_from(CLIP_EPS), variant=st.sampled_from(F.VARIANTS),
-       loss_type=st.sampled_from(F.LOSS_TYPES))
-def test_elementwise_grad_and_regions_match_reference(batch, clip_eps, variant, loss_type):
-    """Per-token loss, closed-form gradient and region codes agree with the reference token by token."""
+       loss_type=st.sampled_from(F.LOSS_TYPES), band_closed=st.booleans())
+def test_elementwise_grad_and_regions_match_reference(batch, clip_eps, variant, loss_type, band_closed):
+    """Per-token loss, closed-form gradient and region codes agree with the reference token by token,
+    with the band's edges closed (torch <= 2.13) and open (torch >= 2.14) on any installed torch."""
     values, old_values, returns, _ = batch
     kw = dict(clip_eps=clip_eps, variant=variant, loss_type=loss_type, huber_delta=0.75)
-    loss = F.elementwise_value_loss(values, old_values, returns, **kw)
-    grad = F.elementwise_value_loss_grad(values, old_values, returns, **kw)
-    regions = F.clip_regions(values, old_values, returns, **kw)
+    with band(band_closed):
+        loss = F.elementwise_value_loss(values, old_values, returns, **kw)
+        grad = F.elementwise_value_loss_grad(values, old_values, returns, **kw)
+        regions = F.clip_regions(values, old_values, returns, **kw)
     for index in range(values.numel()):
         v, o, r = (float(t.reshape(-1)[index]) for t in (values, old_values, returns))
         assert loss.reshape(-1)[index].item() == token_loss(v, o, r, clip_eps, variant, loss_type, 0.75)
         assert grad.reshape(-1)[index].item() == pytest.approx(
-            token_grad(v, o, r, clip_eps, variant, loss_type, 0.75), rel=1e-15, abs=0)
+            token_grad(v, o, r, clip_eps, variant, loss_type, 0.75, band_closed), rel=1e-15, abs=0)
         region = Region(int(regions.reshape(-1)[index]))
-        outside = clip_eps is not None and abs(v - o) > clip_eps
+        outside = clip_eps is not None and (abs(v - o) > clip_eps if band_closed else abs(v - o) >= clip_eps)
         assert (region != Region.INSIDE) == outside
         if region == Region.CLIPPED:
             assert grad.reshape(-1)[index].item() == 0.0
 
 
-def test_closed_form_matches_autograd_at_band_edges_and_ties():
-    """At |v - old| == clip_eps the band is closed, and exact ties of the max split the gradient 50/50."""
+@pytest.mark.parametrize("band_closed", [True, False], ids=["closed", "open"])
+def test_closed_form_matches_autograd_at_band_edges_and_ties(band_closed):
+    """At |v - old| == clip_eps the clipped branch passes the gradient as the clamp does at its bounds
+    (closed band: all of it, torch <= 2.13; open band: none, torch >= 2.14), and exact ties of the max
+    split the gradient 50/50. Both conventions run on any torch: autograd goes through a clamp with
+    that edge gradient, and through torch's own clamp where it is the installed torch's."""
     # (values, old_values, returns): band edge from above and below, a tie outside the band,
     # a token inside the band, and a token exactly at the return but outside the band.
     values = torch.tensor([1.25, -0.25, 1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
     old_values = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64)
     returns = torch.tensor([3.0, -1.0, 0.625, 1.5, 2.0], dtype=torch.float64)
-    loss = F.elementwise_value_loss(values, old_values, returns, clip_eps=0.25).sum()
-    (autograd,) = torch.autograd.grad(loss, values)
-    closed = F.elementwise_value_loss_grad(values.detach(), old_values, returns, clip_eps=0.25)
+    clamp = clamp_with_edge(1.0 if band_closed else 0.0)
+    clipped = old_values + clamp(values - old_values, -0.25, 0.25)
+    (autograd,) = torch.autograd.grad(torch.maximum((clipped - returns) ** 2, (values - returns) ** 2).sum(), values)
+    with band(band_closed):
+        closed = F.elementwise_value_loss_grad(values.detach(), old_values, returns, clip_eps=0.25)
+        regions = F.clip_regions(values.detach(), old_values, returns, clip_eps=0.25)
     torch.testing.assert_close(closed, autograd, rtol=0, atol=0)
-    # Band edge: clamp passes the gradient, so both branches equal 2 * (v - R).
-    assert closed[0].item() == 2 * (1.25 - 3.0)
-    assert closed[1].item() == 2 * (-0.25 + 1.0)
+    if band_closed == AUTOGRAD_BAND_CLOSED:  # and torch's own autograd of the formula agrees
+        loss = F.elementwise_value_loss(values, old_values, returns, clip_eps=0.25).sum()
+        torch.testing.assert_close(closed, torch.autograd.grad(loss, values)[0], rtol=0, atol=0)
+    # Band edge: here v_clipped == v, so the branches tie. Closed band: both pass 2 * (v - R), in full.
+    # Open band: the clipped branch passes nothing, so the tie gives half of 2 * (v - R).
+    edge_share = 1.0 if band_closed else 0.5
+    assert closed[0].item() == edge_share * 2 * (1.25 - 3.0)
+    assert closed[1].item() == edge_share * 2 * (-0.25 + 1.0)
     # Tie outside the band (v_clipped = 0.25, R = 0.625 midway between 0.25 and 1.0): the clipped
     # branch has no gradient outside the band, so the tie gives half of 2 * (v - R).
     assert closed[2].item() == 0.5 * 2 * (1.0 - 0.625)
     # A prediction exactly at the return but outside the band: the clipped branch wins, gradient zero.
     assert closed[4].item() == 0.0
-    regions = F.clip_regions(values.detach(), old_values, returns, clip_eps=0.25)
-    assert regions.tolist() == [Region.INSIDE, Region.INSIDE, Region.UNCLIPPED, Region.INSIDE, Region.CLIPPED]
+    edge = Region.INSIDE if band_closed else Region.UNCLIPPED  # open: outside, and the tie is live
+    assert regions.tolist() == [edge, edge, Region.UNCLIPPED, Region.INSIDE, Region.CLIPPED]
+
+
+def test_band_follows_the_installed_torch():
+    """BAND_CLOSED is what autograd's clamp does at its bounds here (probed independently by the
+    reference), closed up to torch 2.13 and open from 2.14; the probe tells the conventions apart and
+    warns about one it does not know."""
+    assert F.BAND_CLOSED is AUTOGRAD_BAND_CLOSED
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    assert F.BAND_CLOSED == (version < (2, 14)), torch.__version__
+    assert F._clamp_band_closed(clamp_with_edge(1.0)) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert F._clamp_band_closed(clamp_with_edge(0.0)) is False
+    with pytest.warns(RuntimeWarning, match=r"clamp passes the gradient \[0.5, 0.5\] at its bounds"):
+        assert F._clamp_band_closed(clamp_with_edge(0.5)) is False
+    with torch.no_grad(), torch.inference_mode():  # importing under either must still probe
+        assert F._clamp_band_closed() is AUTOGRAD_BAND_CLOSED
 
 
 @pytest.mark.parametrize("variant", F.VARIANTS)

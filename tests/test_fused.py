@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import AUTOGRAD_BAND_CLOSED, grad_loops
 
 from valueloss import ValueLoss, fused
 from valueloss import functional as F
@@ -290,18 +291,28 @@ def test_forward_gradient_and_recomputed_gradient_both_match_eager(dtype, mode):
 
 
 @needs_compiler
-def test_compiled_band_edges_and_ties_are_exact():
-    """On band edges (closed band) and exact ties (50/50 split) the compiled gradient is autograd's, bit for bit."""
+@pytest.mark.parametrize("band_closed", [True, False], ids=["closed", "open"])
+def test_compiled_band_edges_and_ties_are_exact(monkeypatch, band_closed):
+    """On band edges (closed band as torch <= 2.13's clamp, open as 2.14's) and exact ties (50/50 split)
+    the compiled gradient is autograd's, bit for bit: the float64 reference's where the convention is
+    the installed torch's, the loop reference's (the same conventions spelled out by hand) for both."""
     values, old_values, returns = _edge_and_tie_inputs()
     action_mask = torch.ones_like(values, dtype=torch.bool)
     kwargs = dict(clip_eps=0.25, variant="max", loss_type="squared", huber_delta=1.0, mode="token-sum")
+    monkeypatch.setattr(F, "BAND_CLOSED", band_closed)  # part of the kernels' key: its own compiled kernel
     loss, grad = _fused_and_grad(values, old_values, returns, action_mask, **kwargs)
-    ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, **kwargs)
-    assert torch.equal(grad.double(), ref_grad)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-7, atol=0)
-    # scale 0.5 times: column 0, on the edge, full 2 (v - R) = -4 (an open band would halve it);
-    # column 5, a tie outside the band: half of the unclipped 2 (1 - 0.625) plus half of zero; column 7: zero.
-    assert grad[0, 0] == 0.5 * -4.0 and grad[0, 5] == 0.5 * 0.5 * 0.75 and grad[0, 7] == 0.0
+    if band_closed == AUTOGRAD_BAND_CLOSED:
+        ref_loss, ref_grad = _reference(values, old_values, returns, action_mask, **kwargs)
+        assert torch.equal(grad.double(), ref_grad)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-7, atol=0)
+    loop_grad = grad_loops(values[:2], old_values[:2], returns[:2], clip_eps=0.25, mode="token-sum",
+                           band_closed=band_closed)
+    assert torch.equal(grad[:2].double(), loop_grad)
+    # scale 0.5 times: column 0, on the edge where v_clipped == v, full 2 (v - R) = -4 with a closed band,
+    # half of it with an open one (a tie whose clipped share is zero); column 5, a tie outside the band:
+    # half of the unclipped 2 (1 - 0.625) plus half of zero; column 7: zero.
+    assert grad[0, 0] == 0.5 * -4.0 * (1.0 if band_closed else 0.5)
+    assert grad[0, 5] == 0.5 * 0.5 * 0.75 and grad[0, 7] == 0.0
 
 
 @needs_compiler

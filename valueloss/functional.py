@@ -17,12 +17,19 @@ Sources of the formulas:
 
 Nothing here synchronises with the host: validation reads only shapes, dtypes and devices, and
 empty masks are handled with ``torch.where`` on safe denominators.
+
+The band's edges follow the installed torch (:data:`BAND_CLOSED`): up to torch 2.13 ``torch.clamp``
+passes the gradient at its bounds, so the band ``|values - old_values| <= clip_eps`` is closed; from
+torch 2.14 it passes none there (the minimum-norm subgradient, pytorch/pytorch#184574), so
+the band is open, ``|values - old_values| < clip_eps``. The closed-form gradient and the region map
+follow suit, and so stay equal to autograd of the formula on either side of that change.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -34,6 +41,7 @@ from ._choices import check_choice as _check_choice
 
 __all__ = [
     "AGGREGATION_MODES",
+    "BAND_CLOSED",
     "LOSS_TYPES",
     "VARIANTS",
     "Region",
@@ -49,11 +57,40 @@ __all__ = [
 Count = Tensor | int | float | None
 
 
+def _clamp_band_closed(clamp=torch.clamp) -> bool:
+    """Whether ``clamp`` (autograd's, by default) passes the gradient at its bounds: True for a closed
+    band (torch <= 2.13 passes 1), False for an open one (torch >= 2.14 passes 0 with number bounds).
+
+    Any other value (a tie split, say) is not a convention the closed form knows: warn, and take the
+    open band, the nearer of the two.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([-0.5, 0.5], dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(clamp(x, -0.5, 0.5).sum(), x)
+    edge = grad.tolist()
+    if edge not in ([1.0, 1.0], [0.0, 0.0]):
+        warnings.warn(
+            f"valueloss: torch {torch.__version__}'s clamp passes the gradient {edge} at its bounds, expected "
+            "1 (torch <= 2.13) or 0 (torch >= 2.14); where |values - old_values| == clip_eps exactly, the "
+            "closed-form gradient (open band) may differ from autograd's",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return edge == [1.0, 1.0]
+
+
+BAND_CLOSED: bool = _clamp_band_closed()
+"""True when the installed torch's ``clamp`` passes the gradient at ``|values - old_values| ==
+clip_eps`` (torch <= 2.13: the band is closed), False when it passes none (torch >= 2.14: open).
+Probed once at import; the closed-form gradient, the region map and the fused kernels follow it."""
+
+
 class Region(IntEnum):
     """Where a token sits relative to the clip band, as returned by :func:`clip_regions`."""
 
     INSIDE = 0
-    """``|values - old_values| <= clip_eps`` (the band is closed): the unclipped error drives the gradient."""
+    """``|values - old_values| <= clip_eps`` (``<`` from torch 2.14, :data:`BAND_CLOSED`): the unclipped
+    error drives the gradient."""
     CLIPPED = 1
     """Outside the band and the clipped branch wins: the gradient with respect to ``values`` is zero."""
     UNCLIPPED = 2
@@ -242,10 +279,11 @@ def elementwise_value_loss_grad(
 ) -> Tensor:
     """Closed-form derivative of :func:`elementwise_value_loss` with respect to ``values``.
 
-    Follows autograd's conventions exactly: the clip band is closed (at
-    ``|values - old_values| == clip_eps`` the clipped branch still passes gradient, as
-    ``torch.clamp`` does) and where the two branches of the ``max`` tie the gradient is split 50/50
-    (as ``torch.max``/``torch.maximum`` do). Tokens in :attr:`Region.CLIPPED` get exactly zero.
+    Follows autograd's conventions exactly: at the band's edges ``|values - old_values| == clip_eps``
+    the clipped branch passes the gradient where the installed torch's ``clamp`` does (torch <= 2.13, a
+    closed band) and none where it does not (torch >= 2.14, open; :data:`BAND_CLOSED`), and where the
+    two branches of the ``max`` tie the gradient is split 50/50 (as ``torch.max``/``torch.maximum``
+    do). Tokens in :attr:`Region.CLIPPED` get exactly zero.
     """
     clip_eps, huber_delta = _validate_elementwise(
         values, old_values, returns, clip_eps, variant, loss_type, huber_delta
@@ -261,8 +299,11 @@ def _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type,
         return grad_unclipped
     delta = values - old_values
     delta_clipped = delta.clamp(-clip_eps, clip_eps)
-    # Inside the closed band exactly when the clamp left delta unchanged (False for NaN, like the comparisons).
+    # Inside the closed band exactly when the clamp left delta unchanged (False for NaN, like the comparisons);
+    # the open band also drops the edges, compared in delta's dtype like torch's clamp backward does.
     inside = delta_clipped == delta
+    if not BAND_CLOSED:
+        inside = inside & (delta.abs() != clip_eps)
     values_clipped = old_values + delta_clipped
     grad_clipped = torch.where(inside, _error_loss_grad(values_clipped - returns, loss_type, huber_delta), 0.0)
     if variant == "clipped":
@@ -289,7 +330,8 @@ def clip_regions(
 ) -> Tensor:
     """Region of each token as a ``uint8`` tensor of :class:`Region` codes.
 
-    ``INSIDE`` (0): ``|values - old_values| <= clip_eps``, or no clipping at all (``clip_eps=None``).
+    ``INSIDE`` (0): ``|values - old_values| <= clip_eps`` (``<`` where the band is open, from torch 2.14:
+    :data:`BAND_CLOSED`), or no clipping at all (``clip_eps=None``).
     ``CLIPPED`` (1): outside the band and the clipped branch is strictly larger (for
     ``variant="clipped"``: every token outside the band) -- the gradient is exactly zero there.
     ``UNCLIPPED`` (2): outside the band and the unclipped branch is larger or equal -- the gradient is
@@ -307,7 +349,10 @@ def _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_de
     if clip_eps is None:
         return torch.full(values.shape, int(Region.INSIDE), dtype=torch.uint8, device=values.device)
     delta = values - old_values
-    outside = (delta < -clip_eps) | (delta > clip_eps)
+    if BAND_CLOSED:
+        outside = (delta < -clip_eps) | (delta > clip_eps)
+    else:
+        outside = (delta <= -clip_eps) | (delta >= clip_eps)
     if variant == "clipped":
         clipped_wins = torch.ones_like(outside)
     else:

@@ -13,7 +13,8 @@ a second backward, and every backward on other devices (where reading ``grad_out
 synchronise, so the forward writes no gradient there) free the buffer and recompute the gradient
 from the saved inputs in one more loop, scaled before its single rounding. Either way the step
 allocates one tensor of the input's size: the gradient. The math is the closed form of
-:func:`valueloss.functional.elementwise_value_loss_grad` (closed clip band, ties split 50/50) and
+:func:`valueloss.functional.elementwise_value_loss_grad` (the clip band's edges as the installed
+torch's ``clamp`` has them, :data:`valueloss.functional.BAND_CLOSED`; ties split 50/50) and
 the scaling follows autograd's order step by step, so the result equals autograd of the eager formula.
 
 Bool masks reach the kernels as bytes (``mask.view(torch.uint8)``), and on CPU every call runs inside
@@ -611,7 +612,7 @@ def _kernel_inputs(inputs: tuple, config: tuple, kind: str, extra: tuple = ()):
     device = values.device
     plan_key = (
         kind, config[:5], extra, device, values.dtype, None if old_values is None else old_values.dtype,
-        returns.dtype, None if action_mask is None else action_mask.dtype,
+        returns.dtype, None if action_mask is None else action_mask.dtype, F.BAND_CLOSED,
     )
     plan = _PLANS.get(plan_key)
     if plan is None:
@@ -635,9 +636,9 @@ def _plan(inputs: tuple, config: tuple, kind: str, extra: tuple) -> tuple:
     clip_eps, variant, mode, loss_type, huber_delta = config[:5]
     dtype = F._compute_dtype(*inputs[:3])
     per_sequence = mode.startswith("seq-mean")
-    key = (
+    key = (  # the band's edges are read while tracing: set once at import, keyed for tests that switch it
         kind, values.device.type, clip_eps is None, variant, loss_type, per_sequence,
-        tuple(None if t is None else t.dtype for t in inputs), *extra,
+        tuple(None if t is None else t.dtype for t in inputs), F.BAND_CLOSED, *extra,
     )
     fn = {"forward": _forward_pass, "grad": _grad_pass}[kind]
     clip_eps, huber_delta = (_constant(c, dtype, values.device) for c in (clip_eps, huber_delta))

@@ -76,8 +76,8 @@ SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 HISTOGRAM_EDGES = (-math.inf, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
 """Bin edges of the histogram of ``(values - old_values) / clip_eps``; bins are ``[lo, hi)`` as printed.
 
-The band is ``[-1, 1]`` (closed), so a token exactly at ``+clip_eps`` is inside the band but counted
-in ``[+1.0, +1.5)``."""
+The band is ``[-1, 1]`` (closed, see :func:`_token_losses`), so a token exactly at ``+clip_eps`` is inside
+the band but counted in ``[+1.0, +1.5)``."""
 POSITION_BINS = 10
 
 
@@ -434,6 +434,11 @@ def _token_losses(
     Mirrors ``valueloss.functional._elementwise`` and ``_regions`` step by step (same operations in
     the same order): outside the closed band means ``|d| > clip_eps``; clipped means outside and
     the clipped branch strictly larger (every outside token for ``variant="clipped"``).
+
+    The band is closed here whatever torch is installed (this module does not import torch): as
+    ``clip_regions`` with torch <= 2.13. From torch 2.14 ``clip_regions`` follows its open band
+    (:data:`valueloss.functional.BAND_CLOSED`), so the two differ for tokens exactly on an edge,
+    ``|d| == clip_eps``: inside here, outside there (and ``UNCLIPPED`` where the branches tie).
     """
     delta = values - old_values
     loss_unclipped = (values - returns) ** 2

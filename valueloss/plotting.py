@@ -95,7 +95,7 @@ REGION_COLORS = {
 """Colour of each :class:`~valueloss.Region` in :func:`region_map`."""
 
 REGION_LABELS = {
-    Region.INSIDE: "inside band: |v - v_old| <= eps",
+    Region.INSIDE: f"inside band: |v - v_old| {'<=' if F.BAND_CLOSED else '<'} eps",
     Region.CLIPPED: "clipped branch wins: gradient zeroed",
     Region.UNCLIPPED: "unclipped branch wins: gradient live",
 }
@@ -402,7 +402,8 @@ def gradient_curve(
     """``d loss / d v`` against the predicted value, with and without clipping.
 
     The clipped gradient (solid black) follows :func:`valueloss.functional.elementwise_value_loss_grad`
-    (closed band, ties split 50/50); the stretch where clipping makes it exactly zero
+    (band edges as the installed torch's ``clamp``, :data:`valueloss.functional.BAND_CLOSED`; ties split
+    50/50); the stretch where clipping makes it exactly zero
     (:attr:`Region.CLIPPED`) is drawn as a thick vermillion segment on the zero line.
 
     Gids: ``valueloss.gradient_curve.{band,unclipped,grad,zeroed,old_value,return}``.
