@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: all lab app test test-min lint venv clean browser screenshot
+.PHONY: all lab app test test-min test-torch lint venv clean browser screenshot
 
 all: test
 
@@ -71,23 +71,34 @@ test: $(STAMP) browser
 	VALUELOSS_CHROMIUM=$(CHROMIUM) \
 	$(BIN)/python -m pytest -q --timeout=900 $(NBVAL_FLAGS) tests valueloss notebooks $(PYTEST_ARGS)
 
-# The core package (functional, loss, fused, distributed) on the oldest torch that pyproject.toml
-# allows, in a venv of its own; not part of `make test` (PyPI's torch 2.1.2 is a CUDA build, about
-# 4.7 GB with its libraries and 3 minutes to install here; it runs on the CPU). There the fused path
-# runs the eager closed form (valueloss.fused.MIN_COMPILE_TORCH) and its compiled tests skip.
+# The core package (functional, loss, fused, distributed) on another torch, each in a venv of its own;
+# neither is part of `make test` (PyPI's torch builds are CUDA builds of several GB; they run on the CPU).
+#   make test-min     the oldest torch pyproject.toml allows (2.1.2 with numpy < 2: about 3 minutes to
+#                     install here). There the fused path runs the eager closed form
+#                     (valueloss.fused.MIN_COMPILE_TORCH) and its compiled tests skip.
+#   make test-torch   a newer release than the pinned one, TORCH=torch==x.y.z (default 2.14.1, whose
+#                     clamp opened the clip band: valueloss.functional.BAND_CLOSED).
 MIN_VENV  ?= .venv-min
 MIN_TORCH ?= torch==2.1.2
-MIN_TESTS := tests/test_functional.py tests/test_loss.py tests/test_fused.py tests/test_distributed.py
+TORCH       ?= torch==2.14.1
+TORCH_VENV  ?= .venv-torch
+TORCH_EXTRA ?=
+CORE_TESTS := tests/test_functional.py tests/test_loss.py tests/test_fused.py tests/test_distributed.py
 
 test-min:
-	@if [ ! -x "$(MIN_VENV)/bin/python" ]; then $(PYTHON) -m venv $(MIN_VENV); fi
-	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(MIN_TORCH)" "numpy<2"
-	grep -v -E '^(torch|numpy|triton|nvidia-[a-z0-9-]+)==' constraints.txt > $(MIN_VENV)/constraints.txt
-	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(MIN_VENV)/constraints.txt -e '.[test]'
-	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=900 $(MIN_TESTS) $(PYTEST_ARGS)
+	$(MAKE) test-torch TORCH=$(MIN_TORCH) TORCH_VENV=$(MIN_VENV) TORCH_EXTRA="numpy<2"
+
+# With TORCH_EXTRA (numpy<2) the constraints leave numpy to it; otherwise numpy keeps its pin.
+test-torch:
+	@if [ ! -x "$(TORCH_VENV)/bin/python" ]; then $(PYTHON) -m venv $(TORCH_VENV); fi
+	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" $(if $(TORCH_EXTRA),"$(TORCH_EXTRA)")
+	grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+$(if $(TORCH_EXTRA),|numpy))==' constraints.txt > $(TORCH_VENV)/constraints.txt
+	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(TORCH_VENV)/constraints.txt -e '.[test]'
+	$(TORCH_VENV)/bin/python -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH)'.split('==')[1], torch.__version__"
+	$(TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=900 $(CORE_TESTS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check valueloss tests
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) *.egg-info .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) $(TORCH_VENV) *.egg-info .hypothesis
