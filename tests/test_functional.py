@@ -157,7 +157,8 @@ def test_band_follows_the_installed_torch():
         assert F._clamp_band_closed(clamp_with_edge(0.0)) is False
     with pytest.warns(RuntimeWarning, match=r"clamp passes the gradient \[0.5, 0.5\] at its bounds"):
         assert F._clamp_band_closed(clamp_with_edge(0.5)) is False
-    with torch.no_grad(), torch.inference_mode():  # importing under either must still probe
+    # Importing under no_grad, inference mode or another default device (MPS has no float64) must still probe.
+    with torch.no_grad(), torch.inference_mode(), torch.device("meta"):
         assert F._clamp_band_closed() is AUTOGRAD_BAND_CLOSED
 
 

@@ -64,8 +64,8 @@ def _clamp_band_closed(clamp=torch.clamp) -> bool:
     Any other value (a tie split, say) is not a convention the closed form knows: warn, and take the
     open band, the nearer of the two.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        x = torch.tensor([-0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode(False), torch.enable_grad():  # on the CPU whatever the default device
+        x = torch.tensor([-0.5, 0.5], dtype=torch.float64, device="cpu", requires_grad=True)
         (grad,) = torch.autograd.grad(clamp(x, -0.5, 0.5).sum(), x)
     edge = grad.tolist()
     if edge not in ([1.0, 1.0], [0.0, 0.0]):
