@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
 import pytest
 import torch
+from bands import band
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import AUTOGRAD_BAND_CLOSED, clamp_with_edge, grad_loops, loss_loops, token_grad, token_loss
@@ -47,18 +47,6 @@ def batches(draw, dtype=torch.float64):
 
 
 settings_kw = dict(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@contextlib.contextmanager
-def band(closed: bool):
-    """valueloss's closed form and region map with the band's edges ``closed`` (as torch <= 2.13's
-    clamp) or open (as torch >= 2.14's), whichever torch is installed."""
-    saved = F.BAND_CLOSED
-    F.BAND_CLOSED = closed
-    try:
-        yield
-    finally:
-        F.BAND_CLOSED = saved
 
 
 @settings(**settings_kw)

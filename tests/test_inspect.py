@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bands import band
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -383,29 +384,39 @@ DYADIC = st.integers(-12, 12).map(lambda k: k / 8)
     eps=st.sampled_from([0.125, 0.25, 0.5, 1.0]),
     mode=st.sampled_from(functional.AGGREGATION_MODES),
     variant=st.sampled_from(functional.VARIANTS),
+    band_closed=st.booleans(),
 )
-def test_report_equals_diagnose_with_ties_and_band_edges(data, eps, mode, variant):
-    """On eighths (|v - old| = eps happens exactly; returns None = the tie point) counts and losses equal diagnose's."""
+def test_report_equals_diagnose_with_ties_and_band_edges(data, eps, mode, variant, band_closed):
+    """On eighths (|v - old| = eps happens exactly; returns None = the tie point) counts and losses equal
+    diagnose's, with the band closed (torch <= 2.13) and open (torch >= 2.14) on any installed torch."""
     # A return halfway between v and its clipped value makes both branches of the max equal (an exact tie).
     data = [(v, o, (v + o + min(max(v - o, -eps), eps)) / 2 if r is None else r, m) for v, o, r, m in data]
     values, old_values, returns, mask = (np.array(column).reshape(2, 3) for column in zip(*data))
     mask[0, 0] = True
-    report = vi.inspect_batch(vi.Batch(values, old_values, returns, mask), clip_eps=eps, mode=mode, variant=variant)
     tensors = [torch.from_numpy(a) for a in (values, old_values, returns, mask)]
-    expected = diagnose(*tensors, clip_eps=eps, mode=mode, variant=variant).to_dict()
+    with band(band_closed):
+        batch = vi.Batch(values, old_values, returns, mask)
+        report = vi.inspect_batch(batch, clip_eps=eps, mode=mode, variant=variant)
+        expected = diagnose(*tensors, clip_eps=eps, mode=mode, variant=variant).to_dict()
     for key in REPORTED:
         assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
 
 
-def test_band_edge_and_tie_by_hand():
-    """|v - old| = eps is inside the band; an exact tie of the two branches is outside but keeps its gradient."""
+@pytest.mark.parametrize("band_closed", [True, False], ids=["closed", "open"])
+def test_band_edge_and_tie_by_hand(band_closed):
+    """|v - old| = eps is inside a closed band (torch <= 2.13) and outside an open one (torch >= 2.14), where
+    v_clip == v makes it a tie; an exact tie of the two branches is outside but keeps its gradient."""
     # Tokens (old = 0, eps = 0.25): on the +edge, on the -edge, a tie (v = 0.75, R = 0.5), clipped, inside.
     values = np.array([[0.25, -0.25, 0.75, 0.75, 0.125]])
     returns = np.array([[1.0, -1.0, 0.5, 1.0, 0.0]])
-    report = vi.inspect_batch(vi.Batch(values, np.zeros_like(values), returns, np.ones((1, 5), bool)), clip_eps=0.25)
-    assert report.outside_band_fraction == pytest.approx(2 / 5) and report.clip_fraction == pytest.approx(1 / 5)
+    with band(band_closed):
+        batch = vi.Batch(values, np.zeros_like(values), returns, np.ones((1, 5), bool))
+        report = vi.inspect_batch(batch, clip_eps=0.25)
+    edges_outside = 0 if band_closed else 2
+    assert report.outside_band_fraction == pytest.approx((2 + edges_outside) / 5)
+    assert report.clip_fraction == pytest.approx(1 / 5)
     (row,) = report.sequences
-    assert (row.clipped, row.outside_unclipped, row.first_clipped_position) == (1, 1, 3)
+    assert (row.clipped, row.outside_unclipped, row.first_clipped_position) == (1, 1 + edges_outside, 3)
     # Histogram bins are [lo, hi): +1.0 counts in [+1.0, +1.5), -1.0 in [-1.0, -0.5); 3.0 in [+3.0, +inf).
     counts = dict(zip(vi.HISTOGRAM_EDGES[:-1], report.histogram_counts, strict=True))
     assert (counts[1.0], counts[-1.0], counts[3.0], counts[0.5]) == (1, 1, 2, 1)
@@ -423,6 +434,21 @@ def test_sample_report_equals_diagnose_in_float32():
         expected = diagnose(*tensors, clip_eps=0.2, mode=mode).to_dict()
         for key in REPORTED:
             assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6), (mode, key)
+
+
+def test_band_closed_agrees_with_functional_without_importing_torch(monkeypatch):
+    """band_closed() is functional.BAND_CLOSED, read from the module once loaded and from torch's release
+    number before (the release the probe gave it on); version strings of every form parse, others raise."""
+    installed = functional.BAND_CLOSED
+    for closed in (True, False):
+        with band(closed):
+            assert vi.band_closed() is closed
+    monkeypatch.delitem(sys.modules, "valueloss.functional")
+    assert vi.band_closed() is installed
+    assert [vi._release(v) for v in ("2.13.0+cpu", "2.14.1+cu130", "2.15.0a0+git1234", "3.0")] == [
+        (2, 13), (2, 14), (2, 15), (3, 0)]
+    with pytest.raises(ValueError, match="torch's version must start with major.minor; got 'nightly'"):
+        vi._release("nightly")
 
 
 def test_inspect_and_functional_share_one_list_of_setting_names():

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from reference import AUTOGRAD_BAND_CLOSED  # noqa: E402
 
 from valueloss import plotting  # noqa: E402
 
@@ -26,21 +27,22 @@ def ref_branches(v, old, ret, eps):
 
 
 def ref_grad(v, old, ret, eps):
-    """d max-loss / dv: live branch's slope, 0 for a clipped branch outside the closed band, ties halved."""
+    """d max-loss / dv: live branch's slope, 0 for a clipped branch outside the band (closed or open as the
+    installed torch's clamp, :data:`reference.AUTOGRAD_BAND_CLOSED`), ties halved."""
     v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
     lu, lc, _ = ref_branches(v, old, ret, eps)
     v_clip = old + np.clip(v - old, -eps, eps)
-    inside = np.abs(v - old) <= eps
+    inside = np.abs(v - old) <= eps if AUTOGRAD_BAND_CLOSED else np.abs(v - old) < eps
     gu = 2 * (v - ret)
     gc = np.where(inside, 2 * (v_clip - ret), 0.0)
     return np.where(lu > lc, gu, np.where(lc > lu, gc, 0.5 * (gu + gc)))
 
 
 def ref_regions(v, old, ret, eps):
-    """0 inside the band, 1 outside with the clipped branch strictly larger, 2 otherwise."""
+    """0 inside the band (as in :func:`ref_grad`), 1 outside with the clipped branch strictly larger, 2 otherwise."""
     v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
     lu, lc, _ = ref_branches(v, old, ret, eps)
-    outside = np.abs(v - old) > eps
+    outside = np.abs(v - old) > eps if AUTOGRAD_BAND_CLOSED else np.abs(v - old) >= eps
     return np.where(outside, np.where(lc > lu, 1, 2), 0)
 
 

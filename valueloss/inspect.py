@@ -32,10 +32,13 @@ This module does not import matplotlib until :func:`plot_report` is called.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import io
 import math
 import numbers
 import os
+import re
 import sys
 import zipfile
 from collections.abc import Mapping
@@ -57,6 +60,7 @@ __all__ = [
     "Batch",
     "BatchError",
     "InspectReport",
+    "band_closed",
     "clip_fraction_curve",
     "clip_thresholds",
     "format_report",
@@ -76,8 +80,8 @@ SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 HISTOGRAM_EDGES = (-math.inf, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
 """Bin edges of the histogram of ``(values - old_values) / clip_eps``; bins are ``[lo, hi)`` as printed.
 
-The band is ``[-1, 1]`` (closed, see :func:`_token_losses`), so a token exactly at ``+clip_eps`` is inside
-the band but counted in ``[+1.0, +1.5)``."""
+With a closed band ``[-1, 1]`` (torch <= 2.13, see :func:`band_closed`) a token exactly at ``+clip_eps`` is
+inside the band but counted in ``[+1.0, +1.5)``."""
 POSITION_BINS = 10
 
 
@@ -426,6 +430,31 @@ def _aggregate(loss_mat: np.ndarray, mask: np.ndarray, mode: str) -> float:
     return loss
 
 
+def band_closed() -> bool:
+    """:data:`valueloss.functional.BAND_CLOSED` (the clip band's edges as the installed torch's ``clamp``
+    has them), without importing torch: that module's answer once it is loaded, else the one it gives on
+    the installed torch's release (closed up to 2.13, open from 2.14; ``tests/test_inspect.py`` checks
+    that the two agree). Read from the package metadata, so ``valueloss inspect batch.npz`` stays fast.
+    """
+    functional = sys.modules.get("valueloss.functional")
+    if functional is not None:
+        return functional.BAND_CLOSED
+    return _release(_torch_version()) < (2, 14)
+
+
+@functools.cache
+def _torch_version() -> str:
+    return importlib.metadata.version("torch")
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``2.14.1+cpu`` or ``2.15.0a0``."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"torch's version must start with major.minor; got {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def _token_losses(
     values: np.ndarray, old_values: np.ndarray, returns: np.ndarray, clip_eps: float, variant: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -433,18 +462,17 @@ def _token_losses(
 
     Mirrors ``valueloss.functional._elementwise`` and ``_regions`` step by step (same operations in
     the same order): outside the closed band means ``|d| > clip_eps``; clipped means outside and
-    the clipped branch strictly larger (every outside token for ``variant="clipped"``).
-
-    The band is closed here whatever torch is installed (this module does not import torch): as
-    ``clip_regions`` with torch <= 2.13. From torch 2.14 ``clip_regions`` follows its open band
-    (:data:`valueloss.functional.BAND_CLOSED`), so the two differ for tokens exactly on an edge,
-    ``|d| == clip_eps``: inside here, outside there (and ``UNCLIPPED`` where the branches tie).
+    the clipped branch strictly larger (every outside token for ``variant="clipped"``). Where the band
+    is open (torch >= 2.14, :func:`band_closed`), outside means ``|d| >= clip_eps``, as there.
     """
     delta = values - old_values
     loss_unclipped = (values - returns) ** 2
     values_clipped = old_values + np.clip(delta, -clip_eps, clip_eps)
     loss_clipped = (values_clipped - returns) ** 2
-    outside = (delta < -clip_eps) | (delta > clip_eps)
+    if band_closed():
+        outside = (delta < -clip_eps) | (delta > clip_eps)
+    else:
+        outside = (delta <= -clip_eps) | (delta >= clip_eps)
     if variant == "clipped":
         return loss_clipped, loss_unclipped, outside, outside
     return np.maximum(loss_clipped, loss_unclipped), loss_unclipped, outside, outside & (loss_clipped > loss_unclipped)
