@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from reference import AUTOGRAD_BAND_CLOSED
 
 from valueloss import ValueLoss, diagnose
 from valueloss import peers as P
@@ -224,6 +225,21 @@ def test_valueloss_reproduces_each_peer(name, shape):
         else:
             assert result.loss == pytest.approx(result.valueloss_loss, rel=1e-6, abs=1e-12)
             assert result.max_abs_grad_diff <= 1e-6 * max(result.grad_norm, 1e-12) + 1e-12
+
+
+def test_the_two_clip_forms_at_band_edges_follow_the_installed_torch():
+    """On an edge with v_clip == v (a tie): both forms pass the full 2 (v - R) up to torch 2.13; from 2.14
+    the offset form's number-bound clamp passes half (its clipped branch none), the clamp form's
+    tensor-bound clamp three quarters (its clipped branch half)."""
+    values = torch.tensor([0.25, -0.25], dtype=torch.float64, requires_grad=True)
+    old_values, returns = torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
+    full = 2 * (values.detach() - returns)
+    for clip, share in ((P._clip_offset, 1.0 if AUTOGRAD_BAND_CLOSED else 0.5),
+                        (P._clip_clamp, 1.0 if AUTOGRAD_BAND_CLOSED else 0.75)):
+        clipped = clip(values, old_values, 0.25)
+        assert torch.equal(clipped, values.detach())
+        (grad,) = torch.autograd.grad(torch.maximum((clipped - returns) ** 2, (values - returns) ** 2).sum(), values)
+        assert torch.equal(grad, share * full), (clip.__name__, grad)
 
 
 def test_tolerance_peers_are_not_all_bitwise():

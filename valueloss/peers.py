@@ -18,7 +18,11 @@ Two ways to write the clipped prediction appear, and they are not bitwise the sa
 
 Where the two branches of the ``max`` then differ by one rounding step, the per-token loss and
 the reported clip fraction can differ in the last bits; gradients inside the band are identical
-(both branches pass the same gradient there).
+(both branches pass the same gradient there). Exactly on a band edge, ``|v - old| == eps``, they
+agree up to torch 2.13 (``clamp`` passes the gradient at its bounds) and differ from torch 2.14
+(pytorch/pytorch#184574): there the offset form's number bounds pass none and the clamp form's tensor
+bounds pass half, so where the branches tie (``v_clip == v``) a token gets half of ``2 (v - R)`` from
+the one and three quarters from the other (``tests/test_peers.py`` checks the installed torch).
 
 :data:`PEERS` is the table that says which :class:`~valueloss.ValueLoss` settings reproduce each
 peer, and whether exactly (bitwise on our test batches) or within floating-point tolerance.
