@@ -605,14 +605,17 @@ def _constant(value: float | None, dtype: torch.dtype, device: torch.device) -> 
 def _kernel_inputs(inputs: tuple, config: tuple, kind: str, extra: tuple = ()):
     """(compiled kernel of this kind and configuration, its tensor arguments, its settings, (dtype, bool mask?)).
 
-    ``extra`` is appended to the kernel's cache key: whatever else changes the compiled graph.
+    ``extra`` is appended to the kernel's cache key: whatever else changes the compiled graph, and
+    always the band's edges (:data:`valueloss.functional.BAND_CLOSED`, read while tracing: set once at
+    import, keyed for tests that switch it).
     Everything but the tensor arguments comes from :func:`_plan`, worked out once per configuration.
     """
     values, old_values, returns, action_mask = inputs
     device = values.device
+    extra = (*extra, F.BAND_CLOSED)
     plan_key = (
         kind, config[:5], extra, device, values.dtype, None if old_values is None else old_values.dtype,
-        returns.dtype, None if action_mask is None else action_mask.dtype, F.BAND_CLOSED,
+        returns.dtype, None if action_mask is None else action_mask.dtype,
     )
     plan = _PLANS.get(plan_key)
     if plan is None:
@@ -636,9 +639,9 @@ def _plan(inputs: tuple, config: tuple, kind: str, extra: tuple) -> tuple:
     clip_eps, variant, mode, loss_type, huber_delta = config[:5]
     dtype = F._compute_dtype(*inputs[:3])
     per_sequence = mode.startswith("seq-mean")
-    key = (  # the band's edges are read while tracing: set once at import, keyed for tests that switch it
+    key = (
         kind, values.device.type, clip_eps is None, variant, loss_type, per_sequence,
-        tuple(None if t is None else t.dtype for t in inputs), F.BAND_CLOSED, *extra,
+        tuple(None if t is None else t.dtype for t in inputs), *extra,
     )
     fn = {"forward": _forward_pass, "grad": _grad_pass}[kind]
     clip_eps, huber_delta = (_constant(c, dtype, values.device) for c in (clip_eps, huber_delta))
