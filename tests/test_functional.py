@@ -235,6 +235,29 @@ def test_non_finite_masked_inputs_do_not_leak(mode, bad):
     assert torch.equal(clean_grad, dirty_grad)
     closed = F.value_loss_grad(dirty[0], dirty[1], dirty[2], mask, clip_eps=0.1, mode=mode)
     torch.testing.assert_close(closed, clean_grad)
+    with torch.no_grad():  # nothing differentiated: the loss alone is masked
+        assert F.value_loss(dirty[0], dirty[1], dirty[2], mask, clip_eps=0.1, mode=mode).item() == clean.item()
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("differentiated", [(1,), (2,), (0, 1, 2)])
+def test_non_finite_masked_inputs_do_not_leak_into_any_gradient(mode, differentiated):
+    """Whichever inputs need a gradient, NaN at masked-out tokens of the others reaches none of them."""
+    generator = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(3, 5, generator=generator) for _ in range(3)]
+    mask = torch.rand(3, 5, generator=generator) > 0.4
+    mask[1] = False
+    dirty = [t.clone() for t in inputs]
+    for t in dirty:
+        t[~mask] = math.nan
+    grads = []
+    for tensors in (inputs, dirty):
+        tensors = [t.clone().requires_grad_(i in differentiated) for i, t in enumerate(tensors)]
+        loss = F.value_loss(*tensors, mask, clip_eps=0.1, mode=mode)
+        grads.append(torch.autograd.grad(loss, [tensors[i] for i in differentiated]))
+    for clean_grad, dirty_grad in zip(*grads):
+        assert torch.equal(clean_grad, dirty_grad)
+        assert torch.equal(dirty_grad[~mask], torch.zeros(int((~mask).sum())))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -581,11 +581,13 @@ def _prepare(values, old_values, returns, action_mask, *, clip_eps, variant, mod
     call = _Call(clip_eps, variant, loss_type, huber_delta, mode, dp_size, batch_num_tokens, global_batch_size,
                  loss_scale_factor, _check_scale(scale))
     tensors = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
-    if action_mask is not None:
-        # Zero the inputs at masked-out tokens first: masking only the loss would still send
-        # 0 * NaN = NaN back through the square to values.grad.
+    if action_mask is not None and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # Zero the inputs that autograd differentiates at masked-out tokens first: masking only the loss
+        # would still send 0 * NaN = NaN back through the square to their gradients. The where's own
+        # backward zeroes those tokens whatever reaches it (NaN from the other inputs included), and the
+        # loss itself is masked by a where as well, so inputs without a gradient need no copy.
         keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
-        tensors = tuple(None if t is None else torch.where(keep, t, 0.0) for t in tensors)
+        tensors = tuple(torch.where(keep, t, 0.0) if t is not None and t.requires_grad else t for t in tensors)
     return call, tensors
 
 
