@@ -260,6 +260,27 @@ def test_non_finite_masked_inputs_do_not_leak_into_any_gradient(mode, differenti
         assert torch.equal(dirty_grad[~mask], torch.zeros(int((~mask).sum())))
 
 
+def test_non_finite_masked_inputs_do_not_leak_through_torch_func_or_double_backward():
+    """torch.func.grad and a second derivative (create_graph) see the masked-out NaN as cleanly as backward does."""
+    generator = torch.Generator().manual_seed(5)
+    values, old_values, returns = (torch.randn(3, 5, generator=generator) for _ in range(3))
+    mask = torch.rand(3, 5, generator=generator) > 0.4
+    dirty = [t.clone() for t in (values, old_values, returns)]
+    for t in dirty:
+        t[~mask] = math.nan
+
+    def loss(v, o, r):
+        return F.value_loss(v, o, r, mask, clip_eps=0.1)
+
+    assert torch.equal(torch.func.grad(loss)(*dirty), torch.func.grad(loss)(values, old_values, returns))
+    second = []
+    for v, o, r in ((values, old_values, returns), dirty):
+        v = v.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(v, o, r), v, create_graph=True)
+        second.append(torch.autograd.grad((grad * torch.arange(15.0).reshape(3, 5)).sum(), v)[0])
+    assert torch.equal(second[0], second[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_accumulated_in_float32(dtype):
     """Half inputs give the float32 loss of the upcast inputs, and a gradient in the input dtype."""
