@@ -571,7 +571,8 @@ class _Call(NamedTuple):
 
 def _prepare(values, old_values, returns, action_mask, *, clip_eps, variant, mode, loss_type, huber_delta, scale,
              dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
-    """Validate everything at the entry point, then cast to the compute dtype and clean masked tokens."""
+    """Validate everything at the entry point, then cast to the compute dtype and zero the masked-out tokens
+    of the inputs that autograd will differentiate (see the comment below)."""
     clip_eps, huber_delta = _validate_elementwise(
         values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
     )
