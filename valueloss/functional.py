@@ -571,8 +571,7 @@ class _Call(NamedTuple):
 
 def _prepare(values, old_values, returns, action_mask, *, clip_eps, variant, mode, loss_type, huber_delta, scale,
              dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
-    """Validate everything at the entry point, then cast to the compute dtype and zero the masked-out tokens
-    of the inputs that autograd will differentiate (see the comment below)."""
+    """Validate everything at the entry point, then cast to the compute dtype."""
     clip_eps, huber_delta = _validate_elementwise(
         values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
     )
@@ -581,15 +580,21 @@ def _prepare(values, old_values, returns, action_mask, *, clip_eps, variant, mod
     )
     call = _Call(clip_eps, variant, loss_type, huber_delta, mode, dp_size, batch_num_tokens, global_batch_size,
                  loss_scale_factor, _check_scale(scale))
-    tensors = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
-    if action_mask is not None and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        # Zero the inputs that autograd differentiates at masked-out tokens first: masking only the loss
-        # would still send 0 * NaN = NaN back through the square to their gradients. The where's own
-        # backward zeroes those tokens whatever reaches it (NaN from the other inputs included), and the
-        # loss itself is masked by a where as well, so inputs without a gradient need no copy.
-        keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
-        tensors = tuple(torch.where(keep, t, 0.0) if t is not None and t.requires_grad else t for t in tensors)
-    return call, tensors
+    return call, _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
+
+
+def _zero_masked_differentiated(tensors: tuple, action_mask: Tensor | None) -> tuple:
+    """``tensors`` with the masked-out tokens zeroed in those that autograd will differentiate.
+
+    Masking only the loss would still send 0 * NaN = NaN back through the square to their gradients.
+    The where's own backward zeroes those tokens whatever reaches it (NaN from the other inputs
+    included), and the loss itself is masked by a where as well, so inputs without a gradient need no copy.
+    """
+    differentiated = [t is not None and t.requires_grad for t in tensors]
+    if action_mask is None or not torch.is_grad_enabled() or not any(differentiated):
+        return tensors
+    keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
+    return tuple(torch.where(keep, t, 0.0) if grad else t for t, grad in zip(tensors, differentiated))
 
 
 def value_loss(
@@ -610,12 +615,12 @@ def value_loss(
     loss_scale_factor: float | None = None,
 ) -> Tensor:
     """``scale * aggregate(elementwise_value_loss(...), action_mask, mode=...)``; see :class:`valueloss.ValueLoss`."""
-    call, (values, old_values, returns) = _prepare(
+    call, tensors = _prepare(
         values, old_values, returns, action_mask, clip_eps=clip_eps, variant=variant, mode=mode,
         loss_type=loss_type, huber_delta=huber_delta, scale=scale, dp_size=dp_size,
         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
     )
-    loss_mat = _elementwise(values, old_values, returns, *call.elementwise())
+    loss_mat = _elementwise(*_zero_masked_differentiated(tensors, action_mask), *call.elementwise())
     return call.scale * _aggregate(loss_mat, action_mask, *call.aggregation())
 
 
