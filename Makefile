@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 	    else echo "run: sudo apt-get install python3-venv" >&2; exit 1; fi; \
 	    rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }; \
 	fi
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,app,io]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,test]'
 	@touch $(STAMP)
 
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)

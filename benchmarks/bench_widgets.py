@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from valueloss import widgets  # noqa: E402
+from valueloss.viz import widgets  # noqa: E402
 
 TARGETS_MS = {"1D explorer": 50.0, "surface explorer 256x256": 150.0}
 

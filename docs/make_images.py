@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from valueloss import plotting  # noqa: E402
+from valueloss.viz import plotting  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 DPI = 55

@@ -1,4 +1,4 @@
-"""Tests of valueloss.aggregation_demo: the ragged batch, sequence weights, figures (Agg) and the explorer."""
+"""Tests of valueloss.lessons.aggregation_demo: the ragged batch, sequence weights, figures (Agg) and the explorer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 matplotlib.use("Agg")
 
-from valueloss import aggregation_demo as demo  # noqa: E402
-from valueloss.distributed import NORMALISATIONS  # noqa: E402
+from valueloss.lessons import aggregation_demo as demo  # noqa: E402
+from valueloss.lessons.data_parallel import NORMALISATIONS  # noqa: E402
 
 
 def test_ragged_batch_lengths_and_empty_rows():
@@ -81,7 +81,7 @@ def test_plot_shards_bars_and_token_totals():
 def test_plot_normalisation_errors_heights():
     """The bars are the comparison's relative gradient errors in percent."""
     batch = demo.ragged_batch(8, 16, spread=0.9, seed=2)
-    from valueloss.distributed import compare_normalisations
+    from valueloss.lessons.data_parallel import compare_normalisations
 
     result = compare_normalisations(*batch, num_shards=2, num_micro_batches=2)
     ax = demo.plot_normalisation_errors(result)

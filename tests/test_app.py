@@ -1,4 +1,4 @@
-"""valueloss.app: the shared controls drive the right explorers, and the figures show the new settings."""
+"""valueloss.viz.app: the shared controls drive the right explorers, and the figures show the new settings."""
 
 import base64
 import io
@@ -11,7 +11,7 @@ import ipywidgets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from valueloss import app  # noqa: E402
+from valueloss.viz import app  # noqa: E402
 
 
 def ref_clipped_loss(v, old, ret, eps):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from valueloss.cli import build_parser, main
+from valueloss.batch.cli import build_parser, main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
@@ -44,7 +44,7 @@ def test_inspect_on_npz_never_imports_torch():
         assert out.returncode == 0 and "783" in out.stdout
         lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
         imported = [line.rsplit("|", 1)[-1].strip() for line in lines]
-        assert "numpy" in imported and "valueloss.inspect" in imported
+        assert "numpy" in imported and "valueloss.batch.report" in imported
         assert [name for name in imported if name.split(".")[0] == "torch"] == []
 
 

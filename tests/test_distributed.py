@@ -163,7 +163,7 @@ def test_forward_kwargs_checks_process_group_size():
 
 def test_split_batch_covers_rows_in_order():
     """split_batch keeps every row once, in order, and refuses too few rows."""
-    from valueloss.distributed import split_batch
+    from valueloss.lessons.data_parallel import split_batch
 
     rows = torch.arange(11)
     pieces = split_batch(rows, 3, 2)
@@ -178,7 +178,8 @@ def test_split_batch_covers_rows_in_order():
 def test_accumulation_recipe_equals_full_batch(mode, divisor):
     """Summing (or averaging with accumulation_divisor) micro-batch losses with window counts gives the full loss."""
     from valueloss import ValueLoss
-    from valueloss.distributed import local_counts, split_batch
+    from valueloss.distributed import local_counts
+    from valueloss.lessons.data_parallel import split_batch
 
     values, old_values, returns, mask = ragged_batch(9, 6, seed=4, empty_rows=(1, 6, 7, 8))
     loss_fn = ValueLoss(CLIP_EPS, loss_agg_mode=mode)
@@ -234,7 +235,7 @@ def _reference_strategy(values, old_values, returns, mask, mode, shards, micro, 
 @pytest.mark.parametrize(("shards", "micro"), [(1, 3), (2, 2), (3, 1), (3, 2)])
 def test_compare_normalisations_matches_reference(mode, shards, micro):
     """Each strategy's loss and gradient match an independent replay; global equals the full batch."""
-    from valueloss.distributed import NORMALISATIONS, compare_normalisations
+    from valueloss.lessons.data_parallel import NORMALISATIONS, compare_normalisations
 
     values, old_values, returns, mask = ragged_batch(13, 7, seed=5, empty_rows=(0, 10, 11, 12))
     result = compare_normalisations(
@@ -263,7 +264,7 @@ def test_compare_normalisations_matches_reference(mode, shards, micro):
 )
 def test_global_counts_exact_for_any_mask_and_split(batch, length, shards, micro, mode, seed, density):
     """For any mask (empty rows and batches included) and any split, global counts give the full-batch gradient."""
-    from valueloss.distributed import compare_normalisations
+    from valueloss.lessons.data_parallel import compare_normalisations
 
     if shards * micro > batch:
         shards, micro = 1, 1
@@ -282,7 +283,7 @@ def test_global_counts_exact_for_any_mask_and_split(batch, length, shards, micro
 
 def test_naive_mean_is_wrong_on_ragged_batches():
     """The per-micro-batch mean and per-rank counts move the token-mean gradient; global counts do not."""
-    from valueloss.distributed import compare_normalisations
+    from valueloss.lessons.data_parallel import compare_normalisations
 
     values, old_values, returns, mask = ragged_batch(16, 32, seed=6, empty_rows=(15,))
     result = compare_normalisations(values, old_values, returns, mask, num_shards=2, num_micro_batches=4)
@@ -293,7 +294,7 @@ def test_naive_mean_is_wrong_on_ragged_batches():
 
 def test_seq_mean_per_micro_batch_exact_with_equal_rows():
     """seq-mean-token-mean is exact per micro-batch when every micro-batch has the same number of non-empty rows."""
-    from valueloss.distributed import compare_normalisations
+    from valueloss.lessons.data_parallel import compare_normalisations
 
     values, old_values, returns, mask = ragged_batch(12, 9, seed=7)
     result = compare_normalisations(
@@ -318,7 +319,7 @@ def _critic():
 
 def _distributed_data(world):
     """Features, old values, returns and a ragged mask: row 1 and the whole last rank's shard are masked."""
-    from valueloss.distributed import split_batch
+    from valueloss.lessons.data_parallel import split_batch
 
     batch, length = 8, 6
     gen = torch.Generator().manual_seed(10 + world)
@@ -354,7 +355,8 @@ def _worker(rank, port, data_path, out_path):
     from torch.nn.parallel import DistributedDataParallel
 
     from valueloss import ValueLoss
-    from valueloss.distributed import forward_kwargs, global_counts, split_batch
+    from valueloss.distributed import forward_kwargs, global_counts
+    from valueloss.lessons.data_parallel import split_batch
 
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -1,10 +1,10 @@
-"""valueloss.dynamics: the descent simulation and the synthetic batch, against hand-written loops."""
+"""valueloss.viz.dynamics: the descent simulation and the synthetic batch, against hand-written loops."""
 
 import pytest
 import torch
 
 from valueloss import Region
-from valueloss.dynamics import simulate_descent, synthetic_batch
+from valueloss.viz.dynamics import simulate_descent, synthetic_batch
 
 
 def reference_descent(value, ret, eps, lr, steps, refresh_every, scale=0.5):

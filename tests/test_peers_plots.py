@@ -1,4 +1,4 @@
-"""Tests of valueloss.peers_plots: the plotted data equals the peers' gradients and losses."""
+"""Tests of valueloss.viz.peers_plots: the plotted data equals the peers' gradients and losses."""
 
 import matplotlib
 
@@ -8,7 +8,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from valueloss import peers as P  # noqa: E402
-from valueloss import peers_plots as PP  # noqa: E402
+from valueloss.viz import peers_plots as PP  # noqa: E402
 
 
 def test_gradient_map_shows_the_peer_gradient():

@@ -1,4 +1,4 @@
-"""valueloss.plotting: the artists hold the numbers of independently written reference formulas."""
+"""valueloss.viz.plotting: the artists hold the numbers of independently written reference formulas."""
 
 import subprocess
 import sys
@@ -14,7 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from reference import AUTOGRAD_BAND_CLOSED  # noqa: E402
 
-from valueloss import plotting  # noqa: E402
+from valueloss.viz import plotting  # noqa: E402
 
 # --------------------------------------------------------------------------- references (plain numpy)
 
@@ -257,13 +257,13 @@ def test_ax_must_be_an_axes():
 
 
 def test_import_does_not_touch_pyplot():
-    """Importing valueloss.plotting and valueloss.widgets loads neither pyplot nor ipympl, and keeps rcParams."""
+    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl, and keeps rcParams."""
     code = (
         "import sys, matplotlib\n"
         "def snapshot():\n"
         "    return {k: matplotlib.rcParams[k] for k in matplotlib.rcParams.keys() if k != 'backend'}\n"
         "before = snapshot()\n"
-        "import valueloss.plotting, valueloss.widgets\n"
+        "import valueloss.viz.plotting, valueloss.viz.widgets\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
         "assert 'ipympl' not in sys.modules, 'ipympl imported'\n"
         "assert snapshot() == before, 'rcParams changed'\n"

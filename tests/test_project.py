@@ -24,6 +24,8 @@ def _pyproject_requirements() -> dict[str, str]:
     requirements = {}
     for line in declared:
         requirement = Requirement(line)
+        if canonicalize_name(requirement.name) == "valueloss":  # an extra made of other extras
+            continue
         requirements[canonicalize_name(requirement.name)] = str(requirement.specifier)
     return requirements
 
@@ -80,13 +82,6 @@ def test_make_test_min_checks_the_oldest_torch_pyproject_allows():
     assert compile_minimum and tuple(map(int, compile_minimum.groups())) >= tuple(map(int, match.groups()[:2]))
 
 
-def test_import_does_not_load_plotting_or_widgets():
-    """`import valueloss` loads neither matplotlib nor ipywidgets (checked in a fresh interpreter)."""
-    code = "import sys, valueloss; print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
-
-
 def test_readme_opens_with_the_two_commands_and_ci_calls_make_test():
     """The README starts with `make lab` and `make test`; .ci/run runs `make test` and the Makefile has both."""
     readme = (ROOT / "README.md").read_text()
@@ -107,25 +102,30 @@ def test_packaging_files_exist():
     assert "py.typed" in package_data["valueloss"]
 
 
-def test_exports_are_lazy_and_the_command_line_needs_no_torch():
-    """`import valueloss, valueloss.cli, valueloss.inspect` leaves torch unloaded; the exports still resolve."""
+def test_import_loads_only_the_core():
+    """`import valueloss` loads torch and the core, but no subpackage, no torch._inductor or torch._dynamo,
+    and no matplotlib or ipywidgets (checked in a fresh interpreter)."""
     code = (
-        "import sys, valueloss, valueloss.cli, valueloss.inspect\n"
-        "print('torch' in sys.modules)\n"
+        "import sys, valueloss\n"
         "from valueloss import ValueLoss, ValueLossDiagnostics, Region, diagnose, functional\n"
-        "import valueloss.diagnostics as d, valueloss.functional as f, valueloss.loss as l\n"
-        "print('torch' in sys.modules, valueloss.__version__)\n"
-        "print(ValueLoss is l.ValueLoss, diagnose is d.diagnose, ValueLossDiagnostics is d.ValueLossDiagnostics,\n"
-        "      Region is f.Region, functional is f, set(valueloss.__all__) <= set(dir(valueloss)))\n"
-        "try:\n"
-        "    valueloss.no_such_name\n"
-        "except AttributeError as error:\n"
-        "    print(error)\n"
+        "ValueLoss(0.2)\n"
+        "heavy = ('torch._inductor', 'torch._dynamo', 'matplotlib', 'ipywidgets', 'valueloss.viz', 'valueloss.lessons',\n"
+        "         'valueloss.batch', 'valueloss.experiments')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "print(sorted(valueloss.__all__))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == [
-        "False",
-        "True 0.1.0",
-        "True True True True True True",
-        "module 'valueloss' has no attribute 'no_such_name'",
+        "[]",
+        "['Region', 'ValueLoss', 'ValueLossDiagnostics', '__version__', 'diagnose', 'functional']",
     ]
+
+
+def test_core_modules_import_no_subpackage():
+    """The core (valueloss/*.py) imports none of viz, lessons, batch or experiments: the arrows point down."""
+    for path in sorted((ROOT / "valueloss").glob("*.py")):
+        if path.name == "__main__.py":  # `python -m valueloss` is the command line, not the core
+            continue
+        source = path.read_text()
+        for sub in ("viz", "lessons", "batch", "experiments"):
+            assert not re.search(rf"^\s*(from|import)\s+(\.|valueloss\.){sub}\b", source, re.M), (path.name, sub)

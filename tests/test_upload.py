@@ -1,4 +1,4 @@
-"""Tests of valueloss.upload: uploading a file in code changes the report and the figure."""
+"""Tests of valueloss.viz.upload: uploading a file in code changes the report and the figure."""
 
 import datetime
 import io
@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from valueloss.inspect import synthetic_batch  # noqa: E402
-from valueloss.upload import batch_upload_explorer  # noqa: E402
+from valueloss.batch.report import synthetic_batch  # noqa: E402
+from valueloss.viz.upload import batch_upload_explorer  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 

@@ -1,4 +1,4 @@
-"""valueloss.widgets: moving each control in code changes what the figure shows, correctly."""
+"""valueloss.viz.widgets: moving each control in code changes what the figure shows, correctly."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import ipywidgets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from valueloss import widgets  # noqa: E402
+from valueloss.viz import widgets  # noqa: E402
 
 
 def ref_losses(v, old, ret, eps):
@@ -187,7 +187,7 @@ def test_ipympl_explorer_leaves_the_pyplot_backend_alone():
     """Building an ipympl explorer does not switch pyplot's backend (ipympl's import would)."""
     code = (
         "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt\n"
-        "from valueloss import widgets\n"
+        "from valueloss.viz import widgets\n"
         "e = widgets.LossCurveExplorer(backend='ipympl')\n"
         "assert matplotlib.get_backend().lower() == 'agg', matplotlib.get_backend()\n"
         "assert type(e.canvas).__name__ == 'Canvas'\n"

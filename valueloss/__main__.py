@@ -1,8 +1,8 @@
-"""``python -m valueloss ...`` runs the command line (see :mod:`valueloss.cli`)."""
+"""``python -m valueloss ...`` runs the command line (see :mod:`valueloss.batch.cli`)."""
 
 import sys
 
-from .cli import main
+from .batch.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """Notebooks in JupyterLab, driven like a student would: Run All, then the slider.
 
-``01_clipped_loss_1d.ipynb`` (its 1D explorer, straight from valueloss.widgets) and ``explorer.ipynb``
+``01_clipped_loss_1d.ipynb`` (its 1D explorer, straight from valueloss.viz.widgets) and ``explorer.ipynb``
 (the app's dashboard, whose first figure is the same explorer driven by the shared sliders).
 Runs every cell through the Run menu, finds the 1D explorer (the output holding a ``clip_eps`` slider
 and an ipympl canvas), steps ``clip_eps`` with the keyboard and checks that the figure's pixels change

@@ -1,8 +1,8 @@
-"""Slider explorers for the clipped value loss, built on :mod:`valueloss.plotting`.
+"""Slider explorers for the clipped value loss, built on :mod:`valueloss.viz.plotting`.
 
 Three explorers, each one call in a notebook cell (the last expression displays it)::
 
-    from valueloss import widgets
+    from valueloss.viz import widgets
     widgets.loss_curve_explorer()    # 1D: loss and gradient against v; sliders clip_eps, old_value, return
     widgets.surface_explorer()       # 2D: unclipped / clipped / difference heat maps; sliders clip_eps, extent
     widgets.gradient_explorer()      # region map + gradient field, and one slice of the gradient;
@@ -36,7 +36,7 @@ Public API (stable):
     else None), ``to_png()`` (the current canvas as PNG bytes), ``update()`` (recompute and redraw), ``close()``.
   - display: an explorer displays as its ``widget`` (``_repr_mimebundle_``).
 
-The explorers do no math: every number comes from :mod:`valueloss.plotting` (which gets it from
+The explorers do no math: every number comes from :mod:`valueloss.viz.plotting` (which gets it from
 :mod:`valueloss.functional`). Each figure is built once; a control change moves the existing artists
 (``set_data``/``set_array``/``set_UVC``) and repaints only those artists onto a cached background
 (blitting; the background is re-rendered when axis or colour limits change). The layout is computed
@@ -55,7 +55,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from . import plotting
-from .functional import Region
+from ..functional import Region
 from .plotting import find_artist
 
 __all__ = [
@@ -297,7 +297,7 @@ def _y_limits(*arrays, pad: float = 0.04) -> tuple:
 class LossCurveExplorer(Explorer):
     """Loss (left) and gradient (right) against the predicted value; sliders ``clip_eps``, ``old_value``, ``return``.
 
-    Built on :func:`valueloss.plotting.loss_curve` and :func:`valueloss.plotting.gradient_curve`.
+    Built on :func:`valueloss.viz.plotting.loss_curve` and :func:`valueloss.viz.plotting.gradient_curve`.
     The axes stay fixed (x: ``value_range``; y: the largest unclipped loss and gradient any slider
     setting can reach), so that moving a slider moves the curves, not the axes.
 
@@ -384,7 +384,7 @@ class SurfaceExplorer(Explorer):
     """Unclipped, clipped and difference heat maps over ``(v - v_old, R - v_old)``; sliders ``clip_eps``, ``extent``.
 
     A ``num x num`` grid (256 x 256 by default), computed once per change for all three panels
-    (:func:`valueloss.plotting.surface_data`). The unclipped and clipped panels share one colour
+    (:func:`valueloss.viz.plotting.surface_data`). The unclipped and clipped panels share one colour
     scale; the difference panel's scale runs up to the largest difference any ``clip_eps`` gives at
     this extent (the one of ``clip_eps=0``), so that colours compare across slider settings.
     Artists: ``"unclipped"``, ``"clipped"``, ``"difference"`` (the images), ``"<kind>_band_low"``,
@@ -522,7 +522,7 @@ class GradientExplorer(Explorer):
         ax, gax = self.axes["regions"], self.axes["gradient"]
         plotting.region_map(ax, clip_eps=p["clip_eps"], extent=p["extent"], num=self._num, legend=False, **self._fixed)
         plotting.gradient_field(ax, clip_eps=p["clip_eps"], extent=p["extent"], num=self._arrows, **self._fixed)
-        ax.axhline(p["return"], color=plotting.OKABE_ITO["black"], lw=1.5, gid="valueloss.widgets.slice",
+        ax.axhline(p["return"], color=plotting.OKABE_ITO["black"], lw=1.5, gid="valueloss.viz.widgets.slice",
                    label=r"slice $R - v_{old}$ shown on the right")
         plotting.gradient_curve(gax, legend=False, **self._slice_settings())
         gax.set_xlabel(r"$v - v_{old}$ (with $v_{old}=0$)")
@@ -535,7 +535,7 @@ class GradientExplorer(Explorer):
         ax = self.axes["regions"]
         plotting.update_region_map(ax, clip_eps=p["clip_eps"], extent=p["extent"], **self._fixed)
         plotting.update_gradient_field(ax, clip_eps=p["clip_eps"], extent=p["extent"], **self._fixed)
-        find_artist(ax, "valueloss.widgets.slice").set_ydata([p["return"]] * 2)
+        find_artist(ax, "valueloss.viz.widgets.slice").set_ydata([p["return"]] * 2)
         plotting.update_gradient_curve(self.axes["gradient"], rescale=False, **self._slice_settings())
         self._set_slice_limits()
 
@@ -545,7 +545,7 @@ class GradientExplorer(Explorer):
         found = {
             "regions": find_artist(ax, "valueloss.region_map.image"),
             "field": find_artist(ax, "valueloss.gradient_field.quiver"),
-            "slice": find_artist(ax, "valueloss.widgets.slice"),
+            "slice": find_artist(ax, "valueloss.viz.widgets.slice"),
             "grad": find_artist(gax, gc + "grad"),
             "grad_unclipped": find_artist(gax, gc + "unclipped"),
             "zeroed": find_artist(gax, gc + "zeroed"),

@@ -17,8 +17,8 @@ from matplotlib import patches as mpatches
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from . import functional as F
-from .distributed import NORMALISATIONS, compare_normalisations, split_batch
+from .. import functional as F
+from .data_parallel import NORMALISATIONS, compare_normalisations, split_batch
 
 __all__ = [
     "COLORS",

@@ -1,9 +1,9 @@
-"""The explorer dashboard: the three explorers of :mod:`valueloss.widgets` under one set of shared controls.
+"""The explorer dashboard: the three explorers of :mod:`valueloss.viz.widgets` under one set of shared controls.
 
 ``notebooks/explorer.ipynb`` is a single call into this module; ``make app`` serves that notebook with
 Voilà (no code shown) on ``http://127.0.0.1:8866``::
 
-    from valueloss import app
+    from valueloss.viz import app
     app.dashboard()          # displays: shared sliders, then each figure with a short explanation beside it
 
 Shared controls and what they drive (the explorers' own sliders are hidden and follow these):
@@ -17,7 +17,7 @@ Shared controls and what they drive (the explorers' own sliders are hidden and f
 
 The surface and gradient pictures live on the plane ``(v - v_old, R - v_old)``, so ``old_value`` and
 ``return`` reach them only through their difference. This module does no math of its own: it wires
-controls (``R - v_old`` is a subtraction) and lays out the explorers of :mod:`valueloss.widgets`.
+controls (``R - v_old`` is a subtraction) and lays out the explorers of :mod:`valueloss.viz.widgets`.
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ class Dashboard:
         return_: starting return ``R`` of the loss curve.
         extent: starting half-width of the plane of the surface and gradient explorers.
         backend: passed to every explorer (``"auto"``, ``"ipympl"``, ``"image"`` or ``"agg"``,
-            see :mod:`valueloss.widgets`).
+            see :mod:`valueloss.viz.widgets`).
 
     Attributes:
         controls: dict of name -> shared ``FloatSlider`` (``clip_eps``, ``old_value``, ``return``,
             ``extent``); setting ``controls[name].value`` in code updates the explorers it drives.
         explorers: dict ``loss_curve``/``surface``/``gradient`` -> the explorer of
-            :mod:`valueloss.widgets` (its own controls are hidden and follow the shared ones).
+            :mod:`valueloss.viz.widgets` (its own controls are hidden and follow the shared ones).
         notes: dict of the same keys -> the ``ipywidgets.HTML`` explanation beside each figure.
         widget: the ``ipywidgets.VBox`` holding everything; a dashboard displays as this widget.
 

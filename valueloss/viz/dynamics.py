@@ -1,6 +1,6 @@
 """Small simulations that show what value clipping does over many steps.
 
-Two helpers that the notebooks and :mod:`valueloss.plotting` share, so that no notebook defines
+Two helpers that the notebooks and :mod:`valueloss.viz.plotting` share, so that no notebook defines
 its own simulation:
 
 * :func:`simulate_descent` runs plain gradient descent on a single predicted value, with or
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import functional as F
+from .. import functional as F
 
 __all__ = ["DescentPath", "simulate_descent", "synthetic_batch"]
 

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .inspect import AGGREGATION_MODES
+from .report import AGGREGATION_MODES
 
 __all__ = ["build_parser", "main"]
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import BatchError, format_report, inspect_batch, load_batch, plot_report
+    from .report import BatchError, format_report, inspect_batch, load_batch, plot_report
 
     low, high = args.target_clip_fraction
     if low > high:

@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._choices import AGGREGATION_MODES, VARIANTS
-from ._choices import check_choice as _check_choice
+from .._choices import AGGREGATION_MODES, VARIANTS
+from .._choices import check_choice as _check_choice
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -1,4 +1,4 @@
-"""Tests of valueloss.inspect: loading, validation errors, the report's numbers, the sample batch and the figure."""
+"""Tests of valueloss.batch.report: loading, validation errors, the report's numbers, the sample batch and the figure."""
 
 import json
 import math
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from valueloss import diagnose, functional
-from valueloss import inspect as vi
+from valueloss.batch import report as vi
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 REPORTED = ("loss", "loss_unclipped", "clip_fraction", "outside_band_fraction", "explained_variance", "mean_abs_error")
@@ -258,7 +258,7 @@ def test_reading_npz_and_safetensors_needs_no_torch(tmp_path):
     save_file(arrays, str(tmp_path / "b.safetensors"))
     np.savez(tmp_path / "b.npz", **arrays)
     code = (
-        "import sys\nfrom valueloss.inspect import format_report, inspect_batch, load_batch\n"
+        "import sys\nfrom valueloss.batch.report import format_report, inspect_batch, load_batch\n"
         f"for name in ('b.npz', 'b.safetensors'):\n"
         f"    print(inspect_batch(load_batch({str(tmp_path)!r} + '/' + name)).num_tokens)\n"
         "print('torch' in sys.modules)\n"
@@ -452,7 +452,7 @@ def test_band_closed_agrees_with_functional_without_importing_torch(monkeypatch)
 
 
 def test_inspect_and_functional_share_one_list_of_setting_names():
-    """valueloss.inspect (torch-free) and valueloss.functional name the same modes and variants, from one module."""
+    """valueloss.batch.report (torch-free) and valueloss.functional name the same modes and variants, from one module."""
     assert vi.AGGREGATION_MODES is functional.AGGREGATION_MODES and vi.VARIANTS is functional.VARIANTS
     assert "seq-mean-token-sum-norm" in vi.AGGREGATION_MODES and vi.VARIANTS == ("max", "clipped")
 
@@ -586,8 +586,8 @@ def test_plot_report_artist_data(tmp_path):
 
 
 def test_import_does_not_load_matplotlib_or_torch():
-    """import valueloss.inspect and valueloss.cli leaves matplotlib and torch unloaded (valueloss.peers: matplotlib)."""
-    code = ("import sys, valueloss.inspect, valueloss.cli; print('matplotlib' in sys.modules, 'torch' in sys.modules)\n"
+    """import valueloss.batch.report and valueloss.batch.cli leaves matplotlib and torch unloaded (valueloss.peers: matplotlib)."""
+    code = ("import sys, valueloss.batch.report, valueloss.batch.cli; print('matplotlib' in sys.modules, 'torch' in sys.modules)\n"
             "import valueloss.peers; print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .peers import PeerResult, peer_gradient_map
+from ..peers import PeerResult, peer_gradient_map
 
 __all__ = ["plot_gradient_difference", "plot_gradient_map", "plot_peer_losses"]
 

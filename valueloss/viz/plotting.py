@@ -2,7 +2,7 @@
 
 Every ``plot``-style function takes ``ax=None`` (a new figure via pyplot is made only then) and
 returns the Axes it drew on. Each one has an ``update_*`` twin that moves the same artists to new
-settings in place (``set_data``/``set_array``/...), which is what :mod:`valueloss.widgets` calls on a
+settings in place (``set_data``/``set_array``/...), which is what :mod:`valueloss.viz.widgets` calls on a
 slider change. Artists carry a ``gid`` (``"valueloss.<plot>.<part>"``) so that they can be found
 again with :func:`find_artist`.
 
@@ -22,7 +22,7 @@ function                   what it draws
 
 On the plane the loss depends only on the offsets ``v - v_old`` and ``R - v_old`` (and
 ``clip_eps``), so one picture holds every old value. All numbers come from
-:mod:`valueloss.functional` (and :mod:`valueloss.dynamics` for the descent); colours are the
+:mod:`valueloss.functional` (and :mod:`valueloss.viz.dynamics` for the descent); colours are the
 Okabe-Ito palette (Okabe & Ito 2008, "Color Universal Design"), safe for colour-blind readers.
 Importing this module does not import pyplot or touch rcParams.
 """
@@ -36,10 +36,10 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from . import functional as F
-from ._threads import single_thread
+from .. import functional as F
+from .._threads import single_thread
 from .dynamics import simulate_descent
-from .functional import Region
+from ..functional import Region
 
 __all__ = [
     "OKABE_ITO",
@@ -828,7 +828,7 @@ def descent_trajectories(
     huber_delta: float = 1.0,
     legend: bool = True,
 ) -> Axes:
-    """Gradient descent on one predicted value, with and without clipping (:func:`valueloss.dynamics.simulate_descent`).
+    """Gradient descent on one predicted value, with and without clipping (:func:`valueloss.viz.dynamics.simulate_descent`).
 
     The clipped run moves towards the return until it reaches the band edge ``v_old + clip_eps``,
     then stalls (zero gradient) until the old value is refreshed every ``refresh_every`` steps. The

@@ -1,6 +1,6 @@
 """A JupyterLab explorer for your own batch: upload a file, move ``clip_eps``, read the report.
 
-The widget code only wires controls to :mod:`valueloss.inspect` (which does all the work); the
+The widget code only wires controls to :mod:`valueloss.batch.report` (which does all the work); the
 figure is rendered to a PNG (matplotlib's Agg canvas) so it shows the same in JupyterLab, in
 Voila and in exported HTML. ipywidgets and matplotlib are imported here, never by ``import
 valueloss``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 
-from .inspect import (
+from ..batch.report import (
     AGGREGATION_MODES,
     Batch,
     BatchError,
