@@ -341,8 +341,8 @@ def _inputs(shape=(4, 3)):
     [
         (dict(clip_eps=-0.1), ValueError, "clip_eps must be None or a non-negative number; got -0.1"),
         (dict(clip_eps=math.nan), ValueError, "clip_eps must be None or a non-negative number; got nan"),
-        (dict(clip_eps="0.2"), TypeError, "clip_eps must be None or a non-negative real number; got str"),
-        (dict(clip_eps=True), TypeError, "clip_eps must be None or a non-negative real number; got bool"),
+        (dict(clip_eps="0.2"), TypeError, "clip_eps must be None or a non-negative number; got str"),
+        (dict(clip_eps=True), TypeError, "clip_eps must be None or a non-negative number; got bool"),
         (dict(mode="mean"), ValueError, "mode must be one of 'token-mean', "),
         (dict(variant="min"), ValueError, "variant must be one of 'max', 'clipped'; got 'min'"),
         (dict(loss_type="l1"), ValueError, "loss_type must be one of 'squared', 'huber'; got 'l1'"),
@@ -350,10 +350,10 @@ def _inputs(shape=(4, 3)):
         (dict(dp_size=0), ValueError, "dp_size must be a positive integer; got 0"),
         (dict(dp_size=2), ValueError, "batch_num_tokens (the global count of unmasked tokens) is required"),
         (dict(dp_size=2, mode="seq-mean-token-mean"), ValueError, "global_batch_size (the global count"),
-        (dict(batch_num_tokens=-1), ValueError, "batch_num_tokens must be a non-negative count; got -1"),
+        (dict(batch_num_tokens=-1), ValueError, "batch_num_tokens must be a non-negative finite count; got -1"),
         (dict(batch_num_tokens=torch.ones(2)), ValueError, "batch_num_tokens must be a scalar"),
         (dict(scale=math.inf), ValueError, "scale must be a finite number; got inf"),
-        (dict(loss_scale_factor=0, mode="seq-mean-token-sum-norm"), ValueError, "loss_scale_factor must be a positive"),
+        (dict(loss_scale_factor=0, mode="seq-mean-token-sum-norm"), ValueError, "loss_scale_factor must be None or a positive"),
     ],
 )
 def test_bad_settings_raise_naming_the_argument(kwargs, error, message):
