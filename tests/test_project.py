@@ -8,7 +8,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
@@ -185,13 +184,13 @@ def test_packaging_files_exist():
 
 def test_import_loads_only_the_core():
     """`import valueloss` loads torch and the core, but no subpackage, no torch._inductor or torch._dynamo,
-    and no matplotlib or ipywidgets (checked in a fresh interpreter)."""
+    and no matplotlib, ipywidgets or gymnasium (checked in a fresh interpreter, one for all of these)."""
     code = (
         "import sys, valueloss\n"
         "from valueloss import ValueLoss, ValueLossDiagnostics, Region, diagnose, functional\n"
         "ValueLoss(0.2)\n"
-        "heavy = ('torch._inductor', 'torch._dynamo', 'matplotlib', 'ipywidgets', 'valueloss.viz', 'valueloss.lessons',\n"
-        "         'valueloss.batch', 'valueloss.experiments')\n"
+        "heavy = ('torch._inductor', 'torch._dynamo', 'matplotlib', 'ipywidgets', 'gymnasium', 'valueloss.viz',\n"
+        "         'valueloss.lessons', 'valueloss.batch', 'valueloss.experiments')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "print(sorted(valueloss.__all__))\n"
     )
