@@ -96,6 +96,28 @@ def token_grad(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0,
     return 0.5 * (slope_clipped + slope_unclipped)
 
 
+INSIDE, CLIPPED, UNCLIPPED = 0, 1, 2
+"""Region codes of :func:`token_region` (the numbering the package's ``Region`` uses)."""
+
+
+def token_region(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0, band_closed=None) -> int:
+    """Where one token sits: INSIDE the band (closed or open as ``band_closed``, by default as the installed
+    torch's ``clamp``), CLIPPED (outside, and the clipped branch strictly larger: no gradient) or UNCLIPPED
+    (outside, the unclipped branch larger or tied: the gradient stays live)."""
+    if band_closed is None:
+        band_closed = AUTOGRAD_BAND_CLOSED
+    if clip_eps is None:
+        return INSIDE
+    d = v - o
+    in_band = -clip_eps <= d <= clip_eps if band_closed else -clip_eps < d < clip_eps
+    if in_band:
+        return INSIDE
+    if variant == "clipped":
+        return CLIPPED
+    v_clipped = o + min(max(d, -clip_eps), clip_eps)
+    return CLIPPED if _penalty(v_clipped - r, loss_type, delta) > _penalty(v - r, loss_type, delta) else UNCLIPPED
+
+
 def _rows(t):
     """A tensor of shape (..., T) as a list of rows of floats."""
     t = t.detach().to("cpu", torch.float64)
@@ -155,6 +177,23 @@ def grad_loops(values, old_values, returns, mask=None, *, clip_eps=None, variant
             for v, o, r, w, m in zip(vr, orow, rr, wr, mr)
         ])
     return torch.tensor(out, dtype=torch.float64).reshape(values.shape)
+
+
+def explained_variance_loops(values, returns, mask=None) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the unmasked tokens (population variances), 0 when
+    ``Var(returns)`` is 0 so that it is never NaN."""
+    V, R = _rows(values), _rows(returns)
+    M = _rows(mask) if mask is not None else [[1.0] * len(row) for row in V]
+    kept = [(v, r) for vr, rr, mr in zip(V, R, M) for v, r, m in zip(vr, rr, mr) if m != 0]
+    n = len(kept)
+    if n == 0:
+        return 0.0
+    mean_r = sum(r for _, r in kept) / n
+    var_r = sum((r - mean_r) ** 2 for _, r in kept) / n
+    residuals = [r - v for v, r in kept]
+    mean_e = sum(residuals) / n
+    var_e = sum((e - mean_e) ** 2 for e in residuals) / n
+    return 1.0 - var_e / var_r if var_r > 0 else 0.0
 
 
 def openrlhf_formula(values, old_values, returns, action_mask, clip_eps=None, token_level_loss=True,
