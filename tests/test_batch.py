@@ -470,10 +470,13 @@ def test_sample_report_equals_loops():
 
 
 def test_report_has_no_math_of_its_own():
-    """The report takes the setting names from valueloss.functional and keeps no copy of the loss or the band."""
+    """The report calls diagnose and functional.clip_regions with a functional.LossConfig, the CLI offers
+    functional's modes, and no copy of the loss, the aggregation or the band's edges is left."""
+    from valueloss.batch import cli
+
     module = report_module
-    assert module.AGGREGATION_MODES is functional.AGGREGATION_MODES and module.VARIANTS is functional.VARIANTS
     assert module.diagnose is diagnose and module.clip_regions is functional.clip_regions
+    assert module.LossConfig is functional.LossConfig and cli.AGGREGATION_MODES is functional.AGGREGATION_MODES
     for name in ("band_closed", "_torch_version", "_release", "_aggregate", "_token_losses", "_explained_variance"):
         assert not hasattr(module, name), name
 

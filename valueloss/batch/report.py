@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..diagnostics import diagnose
-from ..functional import AGGREGATION_MODES, VARIANTS, Region, clip_regions
+from ..functional import LossConfig, Region, clip_regions
 from .io import Batch
 
 __all__ = [
@@ -58,12 +58,6 @@ POSITION_BINS = 10
 
 
 # --------------------------------------------------------------------------- checks of the arguments
-
-
-def _check_choice(value: object, choices: tuple[str, ...], name: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-    return value
 
 
 def _check_target(target: object, name: str) -> tuple[float, float]:
@@ -99,7 +93,7 @@ def clip_thresholds(values: object, old_values: object, returns: object, *, vari
     >>> clip_thresholds(np.array([0.5, 0.5, -0.1]), np.zeros(3), np.array([1.0, 0.3, 0.0]))
     array([0.5, 0.1, 0. ])
     """
-    _check_choice(variant, VARIANTS, "variant")
+    variant = LossConfig(variant=variant).variant  # checked as the loss checks it
     values, old_values, returns = _float64(values, old_values, returns)
     delta = values - old_values
     if variant == "clipped":
@@ -247,8 +241,7 @@ def inspect_batch(
     if isinstance(clip_eps, bool) or not isinstance(clip_eps, numbers.Real) or not 0 < float(clip_eps) < math.inf:
         raise ValueError(f"clip_eps must be a positive number to inspect clipping; got {clip_eps!r}")
     clip_eps = float(clip_eps)
-    _check_choice(mode, AGGREGATION_MODES, "mode")
-    _check_choice(variant, VARIANTS, "variant")
+    config = LossConfig(clip_eps=clip_eps, mode=mode, variant=variant)  # checks mode and variant as the loss does
     target_clip_fraction = _check_target(target_clip_fraction, "target_clip_fraction")
     mask = np.asarray(batch.action_mask, dtype=bool)
     arrays = _float64(batch.values, batch.old_values, batch.returns)
@@ -262,8 +255,8 @@ def inspect_batch(
     # The math, once: diagnose for the reported numbers, clip_regions for each token (float64 CPU copies).
     keep = torch.tensor(mask, device="cpu")
     values, old_values, returns = (torch.where(keep, torch.tensor(a, device="cpu"), 0.0) for a in arrays)
-    stats = diagnose(values, old_values, returns, keep, clip_eps=clip_eps, mode=mode, variant=variant).to_dict()
-    regions = clip_regions(values, old_values, returns, clip_eps=clip_eps, variant=variant).numpy()
+    stats = diagnose(values, old_values, returns, keep, config).to_dict()
+    regions = clip_regions(values, old_values, returns, config).numpy()
     clipped = mask & (regions == Region.CLIPPED)
     outside_live = mask & (regions == Region.UNCLIPPED)
     values, old_values, returns = (t.numpy() for t in (values, old_values, returns))
