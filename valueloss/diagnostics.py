@@ -47,33 +47,27 @@ def diagnose(
     old_values: Tensor,
     returns: Tensor,
     action_mask: Tensor | None = None,
-    *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    mode: str = "token-mean",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-    scale: float = 0.5,
+    config: F.LossConfig | None = None,
+    **settings,
 ) -> ValueLossDiagnostics:
     """Loss, clip fraction, share outside the band, explained variance, MAE and token count of a batch.
 
-    Arguments mean what they mean for :class:`valueloss.ValueLoss`. Fractions and means are over
-    the unmasked tokens, weighted by the mask; masked-out NaN/inf are ignored.
+    Settings: a :class:`valueloss.functional.LossConfig` or its fields as keywords, meaning what they mean
+    for :class:`valueloss.ValueLoss`. Fractions and means are over the unmasked tokens, weighted by the
+    mask; masked-out NaN/inf are ignored.
     """
-    common = dict(variant=variant, mode=mode, loss_type=loss_type, huber_delta=huber_delta, scale=scale)
-    loss = F.value_loss(values, old_values, returns, action_mask, clip_eps=clip_eps, **common)
-    loss_unclipped = F.value_loss(values, old_values, returns, action_mask, clip_eps=None, **common)
-    dtype = F._compute_dtype(values, old_values, returns)
-    values, old_values, returns = F._cast(dtype, values, old_values, returns)
+    config = F._config(config, settings, "diagnose")
+    loss = F.value_loss(values, old_values, returns, action_mask, config)
+    loss_unclipped = F.value_loss(values, old_values, returns, action_mask, config.replace(clip_eps=None))
+    values, old_values, returns, per_token = F._per_token_inputs(values, old_values, returns, action_mask, config)
+    dtype = values.dtype
     if action_mask is None:
         weights = torch.ones_like(values)
     else:
         weights = action_mask.to(dtype)
         keep = weights != 0
         values, old_values, returns = (torch.where(keep, t, 0.0) for t in (values, old_values, returns))
-    regions = F.clip_regions(
-        values, old_values, returns, clip_eps=clip_eps, variant=variant, loss_type=loss_type, huber_delta=huber_delta
-    )
+    regions = F._regions(values, old_values, returns, *per_token)
     num_tokens = weights.sum()
     denominator = F._safe_denominator(num_tokens)
 

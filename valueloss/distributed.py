@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._validate import check_choice
 
 __all__ = [
     "GlobalCounts",
@@ -45,7 +46,7 @@ __all__ = [
     "local_counts",
 ]
 
-# Modes that need each count when dp_size > 1 (mirrors functional._validate_aggregation).
+# Modes that need each count when dp_size > 1 (mirrors functional._counts).
 _NEEDS_TOKENS = ("token-mean",)
 _NEEDS_SEQUENCES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -201,12 +202,13 @@ def _check_divisor(accumulation_divisor: object) -> int:
 
 def _mode_of(mode, loss_scale_factor):
     if isinstance(mode, torch.nn.Module):
-        if not hasattr(mode, "loss_agg_mode"):
+        config = getattr(mode, "config", None)
+        if not isinstance(config, F.LossConfig):
             raise TypeError(f"mode must be an aggregation mode or a ValueLoss; got {type(mode).__name__}")
         if loss_scale_factor is None:
-            loss_scale_factor = getattr(mode, "loss_scale_factor", None)
-        mode = mode.loss_agg_mode
-    F._check_choice(mode, F.AGGREGATION_MODES, "mode")
+            loss_scale_factor = config.loss_scale_factor
+        mode = config.mode
+    check_choice(mode, F.AGGREGATION_MODES, "mode")
     return mode, loss_scale_factor
 
 

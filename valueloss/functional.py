@@ -27,23 +27,25 @@ follow suit, and so stay equal to autograd of the formula on either side of that
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
 import warnings
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._choices import AGGREGATION_MODES, LOSS_TYPES, VARIANTS
-from ._choices import check_choice as _check_choice
+from ._validate import AGGREGATION_MODES, LOSS_TYPES, VARIANTS, check_choice, check_count, check_dp_size, check_inputs
+from ._validate import check_number
 
 __all__ = [
     "AGGREGATION_MODES",
     "BAND_CLOSED",
     "LOSS_TYPES",
     "VARIANTS",
+    "LossConfig",
     "Region",
     "aggregate",
     "aggregation_weights",
@@ -97,102 +99,133 @@ class Region(IntEnum):
     """Outside the band but the unclipped branch wins (or ties): the gradient stays live."""
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _shape(t: Tensor) -> tuple:
-    return tuple(t.shape)
+# --------------------------------------------------------------------------- settings
 
 
 def check_clip_eps(clip_eps: object, name: str = "clip_eps") -> float | None:
-    """Return ``clip_eps`` as a float (or None); raise if it is not a non-negative number."""
-    if clip_eps is None:
-        return None
-    if isinstance(clip_eps, bool) or not isinstance(clip_eps, numbers.Real):
-        raise TypeError(f"{name} must be None or a non-negative real number; got {type(clip_eps).__name__}")
-    value = float(clip_eps)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be None or a non-negative number; got {clip_eps!r}")
-    return value
+    """``clip_eps`` as a float, or None (no clipping); raise if it is not a number ``>= 0``.
+
+    ``inf`` is allowed and means a band wider than any finite difference (the clipped branch never acts).
+    """
+    return check_number(clip_eps, name, "None or a non-negative number", minimum=0.0, finite=False, allow_none=True)
 
 
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
-    return float(value)
+def _check_loss_scale_factor(value: object) -> float | None:
+    return check_number(value, "loss_scale_factor", "None or a positive finite number", minimum=0.0, strict=True,
+                        allow_none=True)
 
 
-def _check_float_tensor(t: object, name: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-    return t
+@dataclass(frozen=True)
+class LossConfig:
+    """The settings of a value loss, checked once: what :class:`valueloss.ValueLoss` stores and what every
+    function here takes (as ``config=`` or as keywords of the same names). See :class:`valueloss.ValueLoss`.
+
+    ``clip_eps`` and ``huber_delta`` may be ``inf`` (no band, no Huber threshold). A ``clip_eps`` larger than
+    the compute dtype's largest number acts as that number, and a ``huber_delta`` whose square overflows
+    the compute dtype gives the squared loss: neither changes anything for finite inputs. ``scale`` and
+    ``loss_scale_factor`` must be finite.
+
+    Example:
+        >>> from valueloss.functional import LossConfig
+        >>> LossConfig(clip_eps=0.2, mode="seq-mean-token-mean")
+        LossConfig(clip_eps=0.2, variant='max', mode='seq-mean-token-mean', loss_type='squared', huber_delta=1.0, scale=0.5, loss_scale_factor=None)
+    """
+
+    clip_eps: float | None = None
+    variant: str = "max"
+    mode: str = "token-mean"
+    loss_type: str = "squared"
+    huber_delta: float = 1.0
+    scale: float = 0.5
+    loss_scale_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        checked = dict(
+            clip_eps=check_clip_eps(self.clip_eps),
+            variant=check_choice(self.variant, VARIANTS, "variant"),
+            mode=check_choice(self.mode, AGGREGATION_MODES, "mode"),
+            loss_type=check_choice(self.loss_type, LOSS_TYPES, "loss_type"),
+            huber_delta=check_number(self.huber_delta, "huber_delta", "a positive number", minimum=0.0, strict=True,
+                                     finite=False),
+            scale=check_number(self.scale, "scale", "a finite number"),
+            loss_scale_factor=_check_loss_scale_factor(self.loss_scale_factor),
+        )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes) -> LossConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
 
 
-def _check_inputs(
-    values: Tensor, old_values: Tensor | None, returns: Tensor, action_mask: Tensor | None = None
-) -> None:
-    """Names the argument and says expected vs got; never broadcasts."""
-    _check_float_tensor(values, "values")
-    _check_float_tensor(returns, "returns")
-    others = [("returns", returns)]
-    if old_values is not None:
-        _check_float_tensor(old_values, "old_values")
-        others.insert(0, ("old_values", old_values))
-    if action_mask is not None:
-        if not isinstance(action_mask, Tensor):
-            raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
-        if action_mask.is_complex():
-            raise TypeError(f"action_mask must be a bool, integer or floating-point tensor; got {action_mask.dtype}")
-        others.append(("action_mask", action_mask))
-    if values.dim() == 0:
-        raise ValueError("values must have at least one dimension (tokens); got a 0-dim tensor")
-    for name, t in others:
-        if t.shape != values.shape:
-            raise ValueError(f"values and {name} must have the same shape; got {_shape(values)} and {_shape(t)}")
-        if t.device != values.device:
-            raise ValueError(f"values and {name} must be on the same device; got {values.device} and {t.device}")
+_SETTINGS = frozenset(field.name for field in dataclasses.fields(LossConfig))
+
+
+def _config(config: LossConfig | None, settings: dict, caller: str) -> LossConfig:
+    """``config``, or a :class:`LossConfig` built from keyword ``settings``; never both."""
+    unknown = set(settings) - _SETTINGS
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(sorted(unknown))}; "
+                        f"settings are {', '.join(sorted(_SETTINGS))}")
+    if config is None:
+        return LossConfig(**settings)
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a LossConfig or None; got {type(config).__name__}")
+    if settings:
+        raise TypeError(f"{caller}() takes either config or keyword settings, not both; got config and "
+                        f"{', '.join(sorted(settings))}")
+    return config
+
+
+class _Counts(NamedTuple):
+    """The per-call counts of a reduction, checked: see :class:`valueloss.ValueLoss`."""
+
+    dp_size: int
+    batch_num_tokens: Count
+    global_batch_size: Count
+
+
+def _counts(dp_size: object, batch_num_tokens: object, global_batch_size: object, mode: str, device) -> _Counts:
+    counts = _Counts(
+        check_dp_size(dp_size),
+        check_count(batch_num_tokens, "batch_num_tokens", device),
+        check_count(global_batch_size, "global_batch_size", device),
+    )
+    if counts.dp_size > 1:
+        if mode == "token-mean" and counts.batch_num_tokens is None:
+            raise ValueError(
+                "batch_num_tokens (the global count of unmasked tokens) is required when dp_size > 1 "
+                "with mode='token-mean'; got None (see valueloss.distributed)"
+            )
+        if mode.startswith("seq-mean") and counts.global_batch_size is None:
+            raise ValueError(
+                f"global_batch_size (the global count of non-empty sequences) is required when dp_size > 1 "
+                f"with mode={mode!r}; got None (see valueloss.distributed)"
+            )
+    return counts
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """Promote the inputs' float dtypes, and accumulate half precision in float32."""
-    dtype = None
-    for t in tensors:
-        if t is not None:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    assert dtype is not None
-    return dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+    dtypes = {t.dtype for t in tensors if t is not None}
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _check_count(count: Count, name: str, device: torch.device) -> Count:
-    if count is None:
-        return None
-    if isinstance(count, Tensor):
-        if count.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (a number or a one-element tensor); got shape {_shape(count)}")
-        if count.device != device and count.device.type != "cpu":
-            raise ValueError(f"{name} must be on {device} (or a CPU scalar); got {count.device}")
-        if count.is_complex() or count.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real-valued tensor; got dtype {count.dtype}")
-        return count.reshape(())
-    if isinstance(count, bool) or not isinstance(count, numbers.Real):
-        raise TypeError(f"{name} must be None, a number or a one-element tensor; got {type(count).__name__}")
-    if math.isnan(float(count)) or count < 0:
-        raise ValueError(f"{name} must be a non-negative count; got {count!r}")
-    return count
-
-
-def _check_dp_size(dp_size: object) -> int:
-    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral) or dp_size < 1:
-        raise ValueError(f"dp_size must be a positive integer; got {dp_size!r}")
-    return int(dp_size)
+def _threshold(value: float, dtype: torch.dtype) -> float:
+    """A threshold no larger than ``dtype``'s largest number: the same clamp of every finite input, and no
+    overflow when torch converts it to ``dtype``."""
+    return min(value, torch.finfo(dtype).max)
 
 
 # --------------------------------------------------------------------------- per-token math
+# _elementwise and _elementwise_grad are also the math of valueloss.fused, whose compiled graph calls them with
+# clip_eps and huber_delta as 0-dim tensors.
 
 
-def _error_loss(error: Tensor, loss_type: str, huber_delta: float) -> Tensor:
+def _error_loss(error: Tensor, loss_type: str, huber_delta) -> Tensor:
     """Per-token penalty of a prediction error: ``error**2``, or twice the Huber loss."""
     if loss_type == "squared":
         return error**2
@@ -200,21 +233,14 @@ def _error_loss(error: Tensor, loss_type: str, huber_delta: float) -> Tensor:
     return torch.where(abs_error <= huber_delta, error**2, 2.0 * huber_delta * abs_error - huber_delta**2)
 
 
-def _error_loss_grad(error: Tensor, loss_type: str, huber_delta: float) -> Tensor:
+def _error_loss_grad(error: Tensor, loss_type: str, huber_delta) -> Tensor:
     if loss_type == "squared":
         return 2.0 * error
     return 2.0 * error.clamp(-huber_delta, huber_delta)
 
 
-def _elementwise(
-    values: Tensor,
-    old_values: Tensor | None,
-    returns: Tensor,
-    clip_eps: float | None,
-    variant: str,
-    loss_type: str,
-    huber_delta: float,
-) -> Tensor:
+def _elementwise(values: Tensor, old_values: Tensor | None, returns: Tensor, clip_eps, variant: str, loss_type: str,
+                 huber_delta) -> Tensor:
     loss_unclipped = _error_loss(values - returns, loss_type, huber_delta)
     if clip_eps is None:
         return loss_unclipped
@@ -225,75 +251,8 @@ def _elementwise(
     return torch.max(loss_clipped, loss_unclipped)
 
 
-def _validate_elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask=None):
-    clip_eps = check_clip_eps(clip_eps)
-    _check_choice(variant, VARIANTS, "variant")
-    _check_choice(loss_type, LOSS_TYPES, "loss_type")
-    huber_delta = _check_positive(huber_delta, "huber_delta")
-    if clip_eps is not None and old_values is None:
-        raise ValueError("old_values is required when clip_eps is set; got None")
-    _check_inputs(values, old_values, returns, action_mask)
-    return clip_eps, huber_delta
-
-
-def _cast(dtype: torch.dtype, *tensors: Tensor | None):
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
-
-
-def elementwise_value_loss(
-    values: Tensor,
-    old_values: Tensor | None,
-    returns: Tensor,
-    *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-) -> Tensor:
-    """Per-token value loss, before masking, aggregation and the 0.5 factor.
-
-    With ``clip_eps=None``: ``(values - returns)**2``. With ``clip_eps`` and ``variant="max"``
-    (ppo2, OpenRLHF, verl): ``max((values_clipped - returns)**2, (values - returns)**2)`` where
-    ``values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)``. With
-    ``variant="clipped"`` (Stable-Baselines3): ``(values_clipped - returns)**2``.
-    ``loss_type="huber"`` replaces ``e**2`` by ``2 * huber(e, huber_delta)`` (equal to ``e**2`` for
-    ``|e| <= huber_delta``). Half-precision inputs are computed in float32. See
-    :class:`valueloss.ValueLoss` for the full documentation.
-    """
-    clip_eps, huber_delta = _validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta
-    )
-    values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
-    return _elementwise(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-
-
-def elementwise_value_loss_grad(
-    values: Tensor,
-    old_values: Tensor | None,
-    returns: Tensor,
-    *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-) -> Tensor:
-    """Closed-form derivative of :func:`elementwise_value_loss` with respect to ``values``.
-
-    Follows autograd's conventions exactly: at the band's edges ``|values - old_values| == clip_eps``
-    the clipped branch passes the gradient where the installed torch's ``clamp`` does (torch <= 2.13, a
-    closed band) and none where it does not (torch >= 2.14, open; :data:`BAND_CLOSED`), and where the
-    two branches of the ``max`` tie the gradient is split 50/50 (as ``torch.max``/``torch.maximum``
-    do). Tokens in :attr:`Region.CLIPPED` get exactly zero.
-    """
-    clip_eps, huber_delta = _validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta
-    )
-    values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
-    with torch.no_grad():
-        return _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-
-
-def _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type, huber_delta):
+def _elementwise_grad(values: Tensor, old_values: Tensor | None, returns: Tensor, clip_eps, variant: str,
+                      loss_type: str, huber_delta) -> Tensor:
     grad_unclipped = _error_loss_grad(values - returns, loss_type, huber_delta)
     if clip_eps is None:
         return grad_unclipped
@@ -318,34 +277,8 @@ def _elementwise_grad(values, old_values, returns, clip_eps, variant, loss_type,
     )
 
 
-def clip_regions(
-    values: Tensor,
-    old_values: Tensor | None,
-    returns: Tensor,
-    *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-) -> Tensor:
-    """Region of each token as a ``uint8`` tensor of :class:`Region` codes.
-
-    ``INSIDE`` (0): ``|values - old_values| <= clip_eps`` (``<`` where the band is open, from torch 2.14:
-    :data:`BAND_CLOSED`), or no clipping at all (``clip_eps=None``).
-    ``CLIPPED`` (1): outside the band and the clipped branch is strictly larger (for
-    ``variant="clipped"``: every token outside the band) -- the gradient is exactly zero there.
-    ``UNCLIPPED`` (2): outside the band and the unclipped branch is larger or equal -- the gradient is
-    live (halved on an exact tie).
-    """
-    clip_eps, huber_delta = _validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta
-    )
-    values, old_values, returns = _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
-    with torch.no_grad():
-        return _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_delta)
-
-
-def _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_delta):
+def _regions(values: Tensor, old_values: Tensor | None, returns: Tensor, clip_eps, variant: str, loss_type: str,
+             huber_delta) -> Tensor:
     if clip_eps is None:
         return torch.full(values.shape, int(Region.INSIDE), dtype=torch.uint8, device=values.device)
     delta = values - old_values
@@ -364,6 +297,79 @@ def _regions(values, old_values, returns, clip_eps, variant, loss_type, huber_de
     return torch.where(outside, region, torch.zeros_like(region))
 
 
+def _per_token_inputs(values, old_values, returns, action_mask, config: LossConfig, dtype=None) -> tuple:
+    """Check the tensors against ``config``, cast them to the compute dtype, and cap the thresholds to it:
+    ``(values, old_values, returns, (clip_eps, variant, loss_type, huber_delta))``."""
+    check_inputs(values, old_values, returns, action_mask)
+    if config.clip_eps is not None and old_values is None:
+        raise ValueError("old_values is required when clip_eps is set; got None")
+    dtype = dtype or _compute_dtype(values, old_values, returns)
+    tensors = tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (values, old_values, returns))
+    clip_eps = None if config.clip_eps is None else _threshold(config.clip_eps, dtype)
+    loss_type, huber_delta = config.loss_type, config.huber_delta
+    if loss_type == "huber" and huber_delta >= math.sqrt(torch.finfo(dtype).max):
+        # delta**2 would overflow (inf - inf = NaN in the formula's other branch), and no error whose square
+        # is finite in this dtype reaches delta: the Huber loss is the squared loss here
+        loss_type, huber_delta = "squared", 1.0
+    return (*tensors, (clip_eps, config.variant, loss_type, huber_delta))
+
+
+def elementwise_value_loss(
+    values: Tensor, old_values: Tensor | None, returns: Tensor, config: LossConfig | None = None, **settings
+) -> Tensor:
+    """Per-token value loss, before masking, aggregation and the factor ``scale``.
+
+    With ``clip_eps=None``: ``(values - returns)**2``. With ``clip_eps`` and ``variant="max"``
+    (ppo2, OpenRLHF, verl): ``max((values_clipped - returns)**2, (values - returns)**2)`` where
+    ``values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)``. With
+    ``variant="clipped"`` (Stable-Baselines3): ``(values_clipped - returns)**2``.
+    ``loss_type="huber"`` replaces ``e**2`` by ``2 * huber(e, huber_delta)`` (equal to ``e**2`` for
+    ``|e| <= huber_delta``). Half-precision inputs are computed in float32. Settings: a :class:`LossConfig`
+    or its fields as keywords; see :class:`valueloss.ValueLoss` for the full documentation.
+    """
+    values, old_values, returns, per_token = _per_token_inputs(
+        values, old_values, returns, None, _config(config, settings, "elementwise_value_loss")
+    )
+    return _elementwise(values, old_values, returns, *per_token)
+
+
+def elementwise_value_loss_grad(
+    values: Tensor, old_values: Tensor | None, returns: Tensor, config: LossConfig | None = None, **settings
+) -> Tensor:
+    """Closed-form derivative of :func:`elementwise_value_loss` with respect to ``values``.
+
+    Follows autograd's conventions exactly: at the band's edges ``|values - old_values| == clip_eps``
+    the clipped branch passes the gradient where the installed torch's ``clamp`` does (torch <= 2.13, a
+    closed band) and none where it does not (torch >= 2.14, open; :data:`BAND_CLOSED`), and where the
+    two branches of the ``max`` tie the gradient is split 50/50 (as ``torch.max``/``torch.maximum``
+    do). Tokens in :attr:`Region.CLIPPED` get exactly zero.
+    """
+    values, old_values, returns, per_token = _per_token_inputs(
+        values, old_values, returns, None, _config(config, settings, "elementwise_value_loss_grad")
+    )
+    with torch.no_grad():
+        return _elementwise_grad(values, old_values, returns, *per_token)
+
+
+def clip_regions(
+    values: Tensor, old_values: Tensor | None, returns: Tensor, config: LossConfig | None = None, **settings
+) -> Tensor:
+    """Region of each token as a ``uint8`` tensor of :class:`Region` codes.
+
+    ``INSIDE`` (0): ``|values - old_values| <= clip_eps`` (``<`` where the band is open, from torch 2.14:
+    :data:`BAND_CLOSED`), or no clipping at all (``clip_eps=None``).
+    ``CLIPPED`` (1): outside the band and the clipped branch is strictly larger (for
+    ``variant="clipped"``: every token outside the band) -- the gradient is exactly zero there.
+    ``UNCLIPPED`` (2): outside the band and the unclipped branch is larger or equal -- the gradient is
+    live (halved on an exact tie).
+    """
+    values, old_values, returns, per_token = _per_token_inputs(
+        values, old_values, returns, None, _config(config, settings, "clip_regions")
+    )
+    with torch.no_grad():
+        return _regions(values, old_values, returns, *per_token)
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -374,8 +380,27 @@ def _safe_denominator(count: Tensor | float | int) -> Tensor | float | int:
     return count if count > 0 else 1
 
 
+def _mean(total: Tensor, count: Tensor | float) -> Tensor:
+    """``total / count``, and exactly 0 (value and gradient) where ``count`` is 0: nothing to average.
+
+    Selected by ``torch.where`` on the count, so a tensor count is never read on the host.
+    """
+    if not isinstance(count, Tensor):
+        count = torch.tensor(float(count), dtype=total.dtype, device=total.device)
+    return torch.where(count > 0, total / _safe_denominator(count), 0.0)
+
+
 def _float_mask(action_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return action_mask.to(dtype)
+
+
+def _mask_sum(action_mask: Tensor, dtype: torch.dtype, dim: int | None = None) -> Tensor:
+    """The sum of the mask's weights in ``dtype`` (a bool or integer mask counted exactly in int64 first)."""
+    if action_mask.is_floating_point():
+        mask = action_mask.to(dtype)
+        return mask.sum() if dim is None else mask.sum(dim=dim)
+    count = action_mask.sum() if dim is None else action_mask.sum(dim=dim)
+    return count.to(dtype)
 
 
 def _masked(loss_mat: Tensor, action_mask: Tensor | None) -> Tensor:
@@ -387,27 +412,20 @@ def _masked(loss_mat: Tensor, action_mask: Tensor | None) -> Tensor:
     return torch.where(action_mask != 0, loss_mat, 0.0) * action_mask.to(loss_mat.dtype)
 
 
-def _validate_aggregation(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
-    _check_choice(mode, AGGREGATION_MODES, "mode")
-    dp_size = _check_dp_size(dp_size)
-    batch_num_tokens = _check_count(batch_num_tokens, "batch_num_tokens", loss_mat.device)
-    global_batch_size = _check_count(global_batch_size, "global_batch_size", loss_mat.device)
-    if loss_scale_factor is not None:
-        loss_scale_factor = _check_positive(loss_scale_factor, "loss_scale_factor")
-    if dp_size > 1:
-        if mode == "token-mean" and batch_num_tokens is None:
-            raise ValueError(
-                "batch_num_tokens (the global count of unmasked tokens) is required when dp_size > 1 "
-                "with mode='token-mean'; got None (see valueloss.distributed)"
-            )
-        if mode.startswith("seq-mean") and global_batch_size is None:
-            raise ValueError(
-                f"global_batch_size (the global count of non-empty sequences) is required when dp_size > 1 "
-                f"with mode={mode!r}; got None (see valueloss.distributed)"
-            )
-    if mode.startswith("seq-mean") and loss_mat.dim() < 1:
-        raise ValueError(f"mode={mode!r} needs a (..., T) loss with a token dimension; got a 0-dim tensor")
-    return dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+def _check_mask(loss_mat: object, action_mask: object, name: str = "loss_mat") -> None:
+    if not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point():
+        got = getattr(loss_mat, "dtype", type(loss_mat).__name__)
+        raise TypeError(f"{name} must be a floating-point tensor; got {got}")
+    if action_mask is None:
+        return
+    if not isinstance(action_mask, Tensor):
+        raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
+    if action_mask.shape != loss_mat.shape:
+        raise ValueError(
+            f"{name} and action_mask must have the same shape; got {tuple(loss_mat.shape)} and {tuple(action_mask.shape)}"
+        )
+    if action_mask.device != loss_mat.device:
+        raise ValueError(f"{name} and action_mask must be on the same device; got {loss_mat.device} and {action_mask.device}")
 
 
 def aggregate(
@@ -422,7 +440,8 @@ def aggregate(
 ) -> Tensor:
     """Reduce a per-token loss ``(..., T)`` to a scalar, following verl's ``agg_loss`` contract.
 
-    With ``m`` the mask (all ones when None), ``L`` the loss, ``n_s = sum_t m[s, t]``:
+    With ``m`` the mask (all ones when None; a float mask weighs each token, a bool or integer mask
+    selects), ``L`` the loss, ``n_s = sum_t m[s, t]``:
 
     * ``token-mean``: ``sum(m * L) / N * dp_size`` with ``N = batch_num_tokens`` (default ``sum(m)``);
     * ``token-sum``: ``sum(m * L) * dp_size``;
@@ -432,27 +451,15 @@ def aggregate(
 
     where ``S = global_batch_size`` (default: the number of sequences with ``n_s > 0``). The factor
     ``dp_size`` undoes the averaging of gradients over data-parallel ranks, so the result is the
-    global loss when the counts are global. Empty batches and rows give 0, never NaN; masked-out
+    global loss when the counts are global. A count of 0 (given, or an empty mask) means nothing to
+    average: the result and its gradient are exactly 0, never NaN and never the sum. Masked-out
     NaN/inf never leak. Needs no host synchronisation.
     """
-    if not isinstance(loss_mat, Tensor) or not loss_mat.is_floating_point():
-        got = getattr(loss_mat, "dtype", type(loss_mat).__name__)
-        raise TypeError(f"loss_mat must be a floating-point tensor; got {got}")
-    if action_mask is not None:
-        if not isinstance(action_mask, Tensor):
-            raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
-        if action_mask.shape != loss_mat.shape:
-            raise ValueError(
-                f"loss_mat and action_mask must have the same shape; got {_shape(loss_mat)} and {_shape(action_mask)}"
-            )
-        if action_mask.device != loss_mat.device:
-            raise ValueError(
-                f"loss_mat and action_mask must be on the same device; got {loss_mat.device} and {action_mask.device}"
-            )
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
-        loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-    )
-    return _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    _check_mask(loss_mat, action_mask)
+    check_choice(mode, AGGREGATION_MODES, "mode")
+    counts = _counts(dp_size, batch_num_tokens, global_batch_size, mode, loss_mat.device)
+    loss_scale_factor = _check_loss_scale_factor(loss_scale_factor)
+    return _aggregate(loss_mat, action_mask, mode, *counts, loss_scale_factor)
 
 
 def _count_as(count: Count, dtype: torch.dtype) -> Count:
@@ -467,20 +474,20 @@ def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_ba
     if mode in ("token-mean", "token-sum"):
         total = masked.sum()
         if mode == "token-sum":
-            return total * dp_size
+            return total * float(dp_size)
         if batch_num_tokens is None:
             batch_num_tokens = (
                 loss_mat.new_tensor(float(loss_mat.numel()))
                 if action_mask is None
-                else _float_mask(action_mask, loss_mat.dtype).sum()
+                else _mask_sum(action_mask, loss_mat.dtype)
             )
-        return total / _safe_denominator(batch_num_tokens) * dp_size
+        return _mean(total, batch_num_tokens) * float(dp_size)
 
     seq_sums = masked.sum(dim=-1)
     if action_mask is None:
         seq_counts = torch.full_like(seq_sums, float(loss_mat.shape[-1]))
     else:
-        seq_counts = _float_mask(action_mask, loss_mat.dtype).sum(dim=-1)
+        seq_counts = _mask_sum(action_mask, loss_mat.dtype, dim=-1)
     nonempty = seq_counts > 0
     if mode == "seq-mean-token-mean":
         seq_losses = seq_sums / _safe_denominator(seq_counts)
@@ -488,7 +495,7 @@ def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_ba
         seq_losses = seq_sums
     if global_batch_size is None:
         global_batch_size = nonempty.to(loss_mat.dtype).sum()
-    loss = torch.where(nonempty, seq_losses, 0.0).sum() / _safe_denominator(global_batch_size) * dp_size
+    loss = _mean(torch.where(nonempty, seq_losses, 0.0).sum(), global_batch_size) * float(dp_size)
     if mode == "seq-mean-token-sum-norm":
         loss = loss / (loss_scale_factor if loss_scale_factor is not None else max(loss_mat.shape[-1], 1))
     return loss
@@ -519,10 +526,10 @@ def aggregation_weights(
         if not isinstance(action_mask, Tensor):
             raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
         ref = torch.zeros(action_mask.shape, dtype=dtype, device=action_mask.device)
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
-        ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-    )
-    return _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    check_choice(mode, AGGREGATION_MODES, "mode")
+    counts = _counts(dp_size, batch_num_tokens, global_batch_size, mode, ref.device)
+    loss_scale_factor = _check_loss_scale_factor(loss_scale_factor)
+    return _weights(ref, action_mask, mode, *counts, loss_scale_factor)
 
 
 def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
@@ -530,16 +537,16 @@ def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_siz
     global_batch_size = _count_as(global_batch_size, ref.dtype)
     mask = torch.ones_like(ref) if action_mask is None else _float_mask(action_mask, ref.dtype)
     if mode == "token-sum":
-        return mask * dp_size
+        return mask * float(dp_size)
     if mode == "token-mean":
         count = mask.sum() if batch_num_tokens is None else batch_num_tokens
-        return mask / _safe_denominator(count) * dp_size
+        return _mean(mask, count) * float(dp_size)
     seq_counts = mask.sum(dim=-1, keepdim=True)
     nonempty = seq_counts > 0
     if global_batch_size is None:
         global_batch_size = nonempty.to(ref.dtype).sum()
     per_seq = mask / _safe_denominator(seq_counts) if mode == "seq-mean-token-mean" else mask
-    weights = torch.where(nonempty, per_seq, 0.0) / _safe_denominator(global_batch_size) * dp_size
+    weights = _mean(torch.where(nonempty, per_seq, 0.0), global_batch_size) * float(dp_size)
     if mode == "seq-mean-token-sum-norm":
         weights = weights / (loss_scale_factor if loss_scale_factor is not None else max(ref.shape[-1], 1))
     return weights
@@ -548,39 +555,19 @@ def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_siz
 # --------------------------------------------------------------------------- the whole loss
 
 
-class _Call(NamedTuple):
-    """Validated settings of one call of :func:`value_loss` / :func:`value_loss_grad`."""
-
-    clip_eps: float | None
-    variant: str
-    loss_type: str
-    huber_delta: float
-    mode: str
-    dp_size: int
-    batch_num_tokens: Count
-    global_batch_size: Count
-    loss_scale_factor: float | None
-    scale: float
-
-    def aggregation(self) -> tuple:
-        return self.mode, self.dp_size, self.batch_num_tokens, self.global_batch_size, self.loss_scale_factor
-
-    def elementwise(self) -> tuple:
-        return self.clip_eps, self.variant, self.loss_type, self.huber_delta
+def _prepare(values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens,
+             global_batch_size, caller: str):
+    """Check everything at the entry point: ``(config, counts, values, old_values, returns, per-token settings)``
+    with the tensors in the compute dtype."""
+    config = _config(config, settings, caller)
+    values, old_values, returns, per_token = _per_token_inputs(values, old_values, returns, action_mask, config)
+    counts = _counts(dp_size, batch_num_tokens, global_batch_size, config.mode, values.device)
+    return config, counts, values, old_values, returns, per_token
 
 
-def _prepare(values, old_values, returns, action_mask, *, clip_eps, variant, mode, loss_type, huber_delta, scale,
-             dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
-    """Validate everything at the entry point, then cast to the compute dtype."""
-    clip_eps, huber_delta = _validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
-    )
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = _validate_aggregation(
-        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-    )
-    call = _Call(clip_eps, variant, loss_type, huber_delta, mode, dp_size, batch_num_tokens, global_batch_size,
-                 loss_scale_factor, _check_scale(scale))
-    return call, _cast(_compute_dtype(values, old_values, returns), values, old_values, returns)
+def _aggregation(config: LossConfig, counts: _Counts) -> tuple:
+    """The trailing arguments of :func:`_aggregate` and :func:`_weights`."""
+    return config.mode, *counts, config.loss_scale_factor
 
 
 def _zero_masked_differentiated(tensors: tuple, action_mask: Tensor | None) -> tuple:
@@ -602,26 +589,31 @@ def value_loss(
     old_values: Tensor | None,
     returns: Tensor,
     action_mask: Tensor | None = None,
+    config: LossConfig | None = None,
     *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    mode: str = "token-mean",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-    scale: float = 0.5,
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: float | None = None,
+    **settings,
 ) -> Tensor:
-    """``scale * aggregate(elementwise_value_loss(...), action_mask, mode=...)``; see :class:`valueloss.ValueLoss`."""
-    call, tensors = _prepare(
-        values, old_values, returns, action_mask, clip_eps=clip_eps, variant=variant, mode=mode,
-        loss_type=loss_type, huber_delta=huber_delta, scale=scale, dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+    """``scale * aggregate(elementwise_value_loss(...), action_mask, mode=...)``; see :class:`valueloss.ValueLoss`.
+
+    Settings: a :class:`LossConfig`, or its fields (``clip_eps``, ``variant``, ``mode``, ``loss_type``,
+    ``huber_delta``, ``scale``, ``loss_scale_factor``) as keywords.
+
+    Example:
+        >>> import torch
+        >>> from valueloss.functional import value_loss
+        >>> values, old_values, returns = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([2.0, 1.0])
+        >>> value_loss(values, old_values, returns, clip_eps=0.2)  # 0.5 * mean(max(1.3**2, 1**2), 1**2)
+        tensor(0.6725)
+    """
+    config, counts, *tensors, per_token = _prepare(
+        values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens, global_batch_size,
+        "value_loss",
     )
-    loss_mat = _elementwise(*_zero_masked_differentiated(tensors, action_mask), *call.elementwise())
-    return call.scale * _aggregate(loss_mat, action_mask, *call.aggregation())
+    loss_mat = _elementwise(*_zero_masked_differentiated(tuple(tensors), action_mask), *per_token)
+    return config.scale * _aggregate(loss_mat, action_mask, *_aggregation(config, counts))
 
 
 def value_loss_grad(
@@ -629,35 +621,23 @@ def value_loss_grad(
     old_values: Tensor | None,
     returns: Tensor,
     action_mask: Tensor | None = None,
+    config: LossConfig | None = None,
     *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    mode: str = "token-mean",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-    scale: float = 0.5,
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: float | None = None,
+    **settings,
 ) -> Tensor:
     """Closed-form gradient of :func:`value_loss` with respect to ``values`` (no autograd).
 
     ``scale * aggregation_weights(...) * elementwise_value_loss_grad(...)``, zero at masked-out
     tokens whatever they hold. Returned in the compute dtype (float32 for half inputs).
     """
-    call, (values, old_values, returns) = _prepare(
-        values, old_values, returns, action_mask, clip_eps=clip_eps, variant=variant, mode=mode,
-        loss_type=loss_type, huber_delta=huber_delta, scale=scale, dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+    config, counts, values, old_values, returns, per_token = _prepare(
+        values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens, global_batch_size,
+        "value_loss_grad",
     )
     with torch.no_grad():
-        grad = _elementwise_grad(values, old_values, returns, *call.elementwise())
-        weights = _weights(torch.empty_like(values), action_mask, *call.aggregation())
-        return call.scale * weights * torch.where(weights != 0, grad, 0.0)
-
-
-def _check_scale(scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
-    return float(scale)
+        grad = _elementwise_grad(values, old_values, returns, *per_token)
+        weights = _weights(torch.empty_like(values), action_mask, *_aggregation(config, counts))
+        return config.scale * weights * torch.where(weights != 0, grad, 0.0)

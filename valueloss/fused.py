@@ -756,17 +756,12 @@ def fused_value_loss(
     old_values: Tensor | None,
     returns: Tensor,
     action_mask: Tensor | None = None,
+    config: F.LossConfig | None = None,
     *,
-    clip_eps: float | None = None,
-    variant: str = "max",
-    mode: str = "token-mean",
-    loss_type: str = "squared",
-    huber_delta: float = 1.0,
-    scale: float = 0.5,
     dp_size: int = 1,
     batch_num_tokens: Count = None,
     global_batch_size: Count = None,
-    loss_scale_factor: float | None = None,
+    **settings,
 ) -> Tensor:
     """:func:`valueloss.functional.value_loss` in one compiled pass; see :class:`valueloss.ValueLoss`.
 
@@ -785,13 +780,15 @@ def fused_value_loss(
         >>> round(loss.item(), 4), values.grad
         (0.6725, tensor([[0.0000, 0.5000, 0.0000]]))
     """
-    clip_eps, huber_delta = F._validate_elementwise(
-        values, old_values, returns, clip_eps, variant, loss_type, huber_delta, action_mask
+    config, counts, *_ = F._prepare(
+        values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens, global_batch_size,
+        "fused_value_loss",
     )
-    dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = F._validate_aggregation(
-        values, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    clip_eps, variant, mode, loss_type, huber_delta, scale, loss_scale_factor = (
+        config.clip_eps, config.variant, config.mode, config.loss_type, config.huber_delta, config.scale,
+        config.loss_scale_factor,
     )
-    scale = F._check_scale(scale)
+    dp_size, batch_num_tokens, global_batch_size = counts
     for name, t in (("old_values", old_values), ("returns", returns), ("action_mask", action_mask)):
         if t is not None and t.requires_grad:
             raise ValueError(

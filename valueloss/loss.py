@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import functional as F
+from ._validate import check_choice
 from .functional import Count
-from .fused import fused_value_loss, use_fused
+from .fused import fused_value_loss
 
 
 class ValueLoss(nn.Module):
@@ -24,8 +25,8 @@ class ValueLoss(nn.Module):
     ``clip_eps=None``, :math:`\ell = (v - R)^2`. ``loss_type="huber"`` replaces each :math:`e^2` by
     :math:`2\,\mathrm{huber}_\delta(e)`, so that after the factor 0.5 it is the usual Huber loss.
 
-    The per-token losses are reduced over the tokens where ``action_mask`` is non-zero and the
-    result is multiplied by ``scale`` (0.5, as in ppo2 and OpenRLHF). Reductions
+    The per-token losses are reduced over the tokens of ``action_mask`` (weighted by it, if it is a float
+    mask) and the result is multiplied by ``scale`` (0.5, as in ppo2 and OpenRLHF). Reductions
     (``loss_agg_mode``: the four modes of verl's ``agg_loss`` plus ``token-sum``; :math:`m` the mask, :math:`n_s` the
     unmasked tokens of sequence :math:`s`):
 
@@ -39,7 +40,10 @@ class ValueLoss(nn.Module):
     pass the *global* counts (over data-parallel ranks and gradient-accumulation steps, see
     :mod:`valueloss.distributed`) with ``dp_size`` = the number of ranks, and DDP's gradient
     averaging then yields exactly the full-batch gradient. As in OpenRLHF, ``dp_size > 1`` without
-    the count the mode needs raises ``ValueError``.
+    the count the mode needs raises ``ValueError``. A count of 0 means nothing to average: the loss and
+    its gradient are exactly 0. Counts given as numbers are checked (negative, NaN or infinite raise
+    ``ValueError``); counts given as tensors are used as they are, since reading them would
+    synchronise with the host (on a GPU).
 
     Differences from OpenRLHF (all on inputs where OpenRLHF gives NaN or fails): an empty mask or
     an empty sequence contributes 0 instead of NaN; NaN/inf at masked-out tokens never reach the
@@ -59,19 +63,17 @@ class ValueLoss(nn.Module):
         huber_delta: the Huber threshold :math:`\delta` (> 0) for ``loss_type="huber"``.
         scale: the constant factor in front of the loss (0.5 in ppo2/OpenRLHF/verl, 1.0 in SB3).
         loss_scale_factor: the divisor of ``"seq-mean-token-sum-norm"`` (default ``T``).
-        fused: ``"auto"`` (default), ``True`` or ``False``. ``True`` computes the loss and its gradient in
-            one compiled pass (:mod:`valueloss.fused`: same results, a fraction of the time and memory for
-            large batches); ``False`` is the eager formula under autograd. ``"auto"`` takes the fused pass
-            for inputs of at least :data:`valueloss.fused.AUTO_MIN_NUMEL` tokens whose ``values`` need a
-            gradient (and only ``values``), when a compiler is available; so the first such call compiles
-            a kernel (seconds, once per configuration and process; inductor caches it on disk). Smaller
-            inputs always take the eager path and never compile.
+        fused: ``False`` (default): the eager formula under autograd, the same at every size. ``True``:
+            the loss and its gradient in one compiled pass (:mod:`valueloss.fused`: the same numbers, a fraction
+            of the time and memory for large batches; the first call compiles for seconds).
 
     Shape:
         - values: ``(B, T)`` or any ``(..., T)``; new critic predictions (the only input with a gradient).
         - old_values: same shape; the critic's predictions when the batch was collected.
         - returns: same shape; the regression targets (e.g. GAE returns).
-        - action_mask: same shape, bool / integer / float, or ``None``; non-zero where a token counts.
+        - action_mask: same shape, or ``None`` (every token counts). A bool or integer mask selects the tokens
+          where it is non-zero; a float mask weighs each token's loss by its value (the means divide by the
+          sum of the weights), as OpenRLHF's ``masked_mean`` does.
         - output: scalar, float32 for half-precision inputs, else the inputs' dtype.
 
     Forward args ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` follow OpenRLHF; the
@@ -104,31 +106,40 @@ class ValueLoss(nn.Module):
         huber_delta: float = 1.0,
         scale: float = 0.5,
         loss_scale_factor: float | None = None,
-        fused: bool | str = "auto",
+        fused: bool = False,
     ) -> None:
         super().__init__()
-        self.clip_eps = F.check_clip_eps(clip_eps)
         if not isinstance(token_level_loss, bool):
             raise TypeError(f"token_level_loss must be a bool; got {type(token_level_loss).__name__}")
         implied = "token-mean" if token_level_loss else "seq-mean-token-mean"
-        if loss_agg_mode is None:
-            loss_agg_mode = implied
-        elif not token_level_loss and loss_agg_mode != implied:
+        if loss_agg_mode is not None and loss_agg_mode != implied and not token_level_loss:
             raise ValueError(
                 f"token_level_loss=False means loss_agg_mode='seq-mean-token-mean'; got loss_agg_mode={loss_agg_mode!r}"
             )
-        self.token_level_loss = token_level_loss
-        self.loss_agg_mode = F._check_choice(loss_agg_mode, F.AGGREGATION_MODES, "loss_agg_mode")
-        self.variant = F._check_choice(variant, F.VARIANTS, "variant")
-        self.loss_type = F._check_choice(loss_type, F.LOSS_TYPES, "loss_type")
-        self.huber_delta = F._check_positive(huber_delta, "huber_delta")
-        self.scale = F._check_scale(scale)
-        self.loss_scale_factor = (
-            None if loss_scale_factor is None else F._check_positive(loss_scale_factor, "loss_scale_factor")
+        if loss_agg_mode is not None:
+            check_choice(loss_agg_mode, F.AGGREGATION_MODES, "loss_agg_mode")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False; got {type(fused).__name__} {fused!r}")
+        self.config = F.LossConfig(
+            clip_eps=clip_eps, variant=variant, mode=implied if loss_agg_mode is None else loss_agg_mode,
+            loss_type=loss_type, huber_delta=huber_delta, scale=scale, loss_scale_factor=loss_scale_factor,
         )
-        if not (isinstance(fused, bool) or (isinstance(fused, str) and fused == "auto")):
-            raise ValueError(f"fused must be True, False or 'auto'; got {fused!r}")
+        self.token_level_loss = token_level_loss
         self.fused = fused
+
+    @property
+    def clip_eps(self) -> float | None:
+        """The clip range (OpenRLHF's attribute); setting it checks the new value."""
+        return self.config.clip_eps
+
+    @clip_eps.setter
+    def clip_eps(self, value: float | None) -> None:
+        self.config = self.config.replace(clip_eps=value)
+
+    @property
+    def loss_agg_mode(self) -> str:
+        """The aggregation mode (``config.mode``)."""
+        return self.config.mode
 
     def forward(
         self,
@@ -142,32 +153,23 @@ class ValueLoss(nn.Module):
         *,
         global_num_tokens: Count = None,
     ) -> Tensor:
-        fused = use_fused(self.fused, values, old_values, returns, action_mask)
-        return (fused_value_loss if fused else F.value_loss)(
+        return (fused_value_loss if self.fused else F.value_loss)(
             values,
             old_values,
             returns,
             action_mask,
-            clip_eps=self.clip_eps,
-            variant=self.variant,
-            mode=self.loss_agg_mode,
-            loss_type=self.loss_type,
-            huber_delta=self.huber_delta,
-            scale=self.scale,
+            self.config,
             dp_size=dp_size,
             batch_num_tokens=batch_num_tokens if batch_num_tokens is not None else global_num_tokens,
             global_batch_size=global_batch_size,
-            loss_scale_factor=self.loss_scale_factor,
         )
 
     def extra_repr(self) -> str:
+        defaults = F.LossConfig()
         parts = [f"clip_eps={self.clip_eps}", f"loss_agg_mode={self.loss_agg_mode!r}"]
-        if self.variant != "max":
-            parts.append(f"variant={self.variant!r}")
-        if self.loss_type != "squared":
-            parts.append(f"loss_type={self.loss_type!r}, huber_delta={self.huber_delta}")
-        if self.scale != 0.5:
-            parts.append(f"scale={self.scale}")
-        if self.fused != "auto":
-            parts.append(f"fused={self.fused}")
+        for name in ("variant", "loss_type", "huber_delta", "scale", "loss_scale_factor"):
+            if getattr(self.config, name) != getattr(defaults, name):
+                parts.append(f"{name}={getattr(self.config, name)!r}")
+        if self.fused:
+            parts.append("fused=True")
         return ", ".join(parts)

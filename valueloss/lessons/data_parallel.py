@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._validate import check_choice
 from ..distributed import GlobalCounts, local_counts
 
 __all__ = ["NORMALISATIONS", "NormalisationComparison", "compare_normalisations", "split_batch"]
@@ -113,7 +114,7 @@ def compare_normalisations(
         >>> round(result.grad_errors["per-rank"], 4)  # rank 0 has 4 tokens, rank 1 has 6
         0.2041
     """
-    F._check_choice(mode, F.AGGREGATION_MODES, "mode")
+    check_choice(mode, F.AGGREGATION_MODES, "mode")
     if not isinstance(action_mask, Tensor):
         raise TypeError(f"action_mask must be a torch.Tensor; got {type(action_mask).__name__}")
     if values.dim() != 2:
