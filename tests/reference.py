@@ -96,28 +96,6 @@ def token_grad(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0,
     return 0.5 * (slope_clipped + slope_unclipped)
 
 
-INSIDE, CLIPPED, UNCLIPPED = 0, 1, 2
-"""Region codes of :func:`token_region` (the numbering the package's ``Region`` uses)."""
-
-
-def token_region(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0, band_closed=None) -> int:
-    """Where one token sits: INSIDE the band (closed or open as ``band_closed``, by default as the installed
-    torch's ``clamp``), CLIPPED (outside, and the clipped branch strictly larger: no gradient) or UNCLIPPED
-    (outside, the unclipped branch larger or tied: the gradient stays live)."""
-    if band_closed is None:
-        band_closed = AUTOGRAD_BAND_CLOSED
-    if clip_eps is None:
-        return INSIDE
-    d = v - o
-    in_band = -clip_eps <= d <= clip_eps if band_closed else -clip_eps < d < clip_eps
-    if in_band:
-        return INSIDE
-    if variant == "clipped":
-        return CLIPPED
-    v_clipped = o + min(max(d, -clip_eps), clip_eps)
-    return CLIPPED if _penalty(v_clipped - r, loss_type, delta) > _penalty(v - r, loss_type, delta) else UNCLIPPED
-
-
 def _rows(t):
     """A tensor of shape (..., T) as a list of rows of floats."""
     t = t.detach().to("cpu", torch.float64)

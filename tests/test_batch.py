@@ -21,6 +21,7 @@ from valueloss.batch import report as report_module
 from valueloss.batch.report import HISTOGRAM_EDGES
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
+INSIDE, CLIPPED, UNCLIPPED = 0, 1, 2  # the region codes of reference.token_region
 REPORTED = ("loss", "loss_unclipped", "clip_fraction", "outside_band_fraction", "explained_variance", "mean_abs_error")
 
 
@@ -308,8 +309,8 @@ def _loop_report(batch, eps, mode, variant, band_closed=None):
     return {
         "loss": reference.loss_loops(*tensors, mask, clip_eps=eps, variant=variant, mode=mode),
         "loss_unclipped": reference.loss_loops(*tensors, mask, mode=mode),
-        "clip_fraction": int((regions == reference.CLIPPED).sum()) / n,
-        "outside_band_fraction": int((regions != reference.INSIDE).sum()) / n,
+        "clip_fraction": int((regions == CLIPPED).sum()) / n,
+        "outside_band_fraction": int((regions != INSIDE).sum()) / n,
         "explained_variance": reference.explained_variance_loops(tensors[0], tensors[2], mask),
         "mean_abs_error": sum(errors) / n,
     }
@@ -322,7 +323,7 @@ def test_report_numbers_match_loops():
     report = vi.inspect_batch(batch, clip_eps=eps)
     mask = batch.action_mask
     assert report.num_tokens == int(mask.sum()) and report.num_sequences == 6
-    clipped = (_loop_regions(batch, eps) == reference.CLIPPED) & mask
+    clipped = (_loop_regions(batch, eps) == CLIPPED) & mask
     assert report.clip_fraction == pytest.approx(clipped.sum() / mask.sum(), rel=1e-12)
     terms_clip, terms_plain = [], []
     for v, o, r in zip(batch.values[mask].astype(float).tolist(), batch.old_values[mask].astype(float).tolist(),
@@ -348,7 +349,7 @@ def test_clip_fraction_by_position_against_loops():
     """Each tenth's clip fraction is clipped / tokens among tokens whose rank / row length falls in that tenth."""
     batch = vi.synthetic_batch(seed=4, batch_size=5, max_len=30)
     report = vi.inspect_batch(batch, clip_eps=0.2)
-    clipped = _loop_regions(batch, 0.2) == reference.CLIPPED
+    clipped = _loop_regions(batch, 0.2) == CLIPPED
     tokens, hits = [0] * 10, [0] * 10
     for row_mask, row_clipped in zip(batch.action_mask.tolist(), clipped.tolist(), strict=True):
         n, rank = sum(row_mask), 0
@@ -421,8 +422,8 @@ def test_report_equals_loops_with_ties_and_band_edges(data, eps, mode, variant, 
     regions = _loop_regions(batch, eps, variant, band_closed)
     for s in report.sequences:
         row = regions[s.index][mask[s.index]]
-        assert (s.clipped, s.outside_unclipped) == (int((row == reference.CLIPPED).sum()),
-                                                    int((row == reference.UNCLIPPED).sum()))
+        assert (s.clipped, s.outside_unclipped) == (int((row == CLIPPED).sum()),
+                                                    int((row == UNCLIPPED).sum()))
 
 
 @pytest.mark.parametrize("band_closed", [True, False], ids=["closed", "open"])
