@@ -3,10 +3,12 @@
 In PPO the critic is fitted to a batch of returns for a few epochs, after which the batch is replaced and the
 old values are refreshed. Here the inputs and targets are fixed, so the only thing that changes between
 iterations is ``old_values``: the clip band ``|values - old_values| <= clip_eps`` of :class:`valueloss.ValueLoss`
-limits how far each prediction can move towards its target in one iteration. Because ``clip_eps`` is in the
-units of the returns, a fixed ``clip_eps = 0.2`` is loose for returns of spread 1 and a straitjacket for returns
-of spread 100 (Andrychowicz et al. 2021, "What matters in on-policy RL?", decision C13; Stable-Baselines3
-documents ``clip_range_vf`` as "depends on the reward scaling"). Notebook 05 measures it.
+removes a sample's own pull once its prediction has moved past the band towards its target. (It does not bound
+how far the prediction moves: the network's shared weights and the optimiser's step size carry predictions far
+past the band, see :mod:`valueloss.lessons.escape`.) Because ``clip_eps`` is in the units of the returns, a
+fixed ``clip_eps = 0.2`` is loose for returns of spread 1 and a heavy brake for returns of spread 100
+(Andrychowicz et al. 2021, "What matters in on-policy RL?", decision C13; Stable-Baselines3 documents
+``clip_range_vf`` as "depends on the reward scaling"). Notebook 05 measures it.
 
 The targets are ``scale * z`` with ``z`` a fixed smooth random function of Gaussian inputs, standardised to
 mean 0 and standard deviation 1, so that ``scale`` is exactly the spread of the returns.
