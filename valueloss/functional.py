@@ -11,9 +11,9 @@ Sources of the formulas:
 * clipped value loss with ``max``: OpenAI baselines ``ppo2/model.py`` (2017), OpenRLHF
   ``openrlhf/models/loss.py::ValueLoss``, verl ``verl/trainer/ppo/core_algos.py::compute_value_loss``;
 * MSE of the clipped prediction: Stable-Baselines3 ``stable_baselines3/ppo/ppo.py::PPO.train``;
-* aggregation modes and global counts: verl ``core_algos.py::agg_loss`` (token-mean and the three
-  seq-mean modes; ``token-sum`` is our addition, scaled by ``dp_size`` like the others) and OpenRLHF ``agg_loss``
-  (checked 2026-11-25).
+* aggregation modes and global counts: verl ``core_algos.py::agg_loss`` (its five modes, release 0.9.1,
+  :data:`valueloss.peers.VERL_RELEASE`; verl divides by a count of 0, where we return 0) and OpenRLHF
+  ``agg_loss`` (checked 2026-11-25).
 
 Nothing here synchronises with the host: validation reads only shapes, dtypes and devices, and
 empty masks are handled with ``torch.where`` on safe denominators.
