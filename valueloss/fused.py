@@ -76,6 +76,12 @@ _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lamb
 _LOCK = threading.RLock()  # serialises compilation (and the calls that may trigger it)
 _COMPILED: dict = {}  # configuration -> compiled function; bounded by the number of configurations
 
+
+def _COMPILE(function: Callable) -> Callable:  # noqa: N802 -- a module constant that tests replace
+    """How each configuration's function is compiled (the tests run the same function uncompiled, too)."""
+    return torch.compile(function, dynamic=True, fullgraph=True)
+
+
 _NO_DERIVATIVE = (
     "fused_value_loss has no second derivative and no torch.func rule: {what} is not supported; "
     "use ValueLoss(fused=False) (valueloss.functional.value_loss), which autograd differentiates"
@@ -90,7 +96,7 @@ class _Plan(NamedTuple):
     clipped: bool
     mode: str
     mask_kind: str  # "none", "bool", or "weights" (an integer or float mask)
-    count_kind: str  # the count the mode divides by: "none" (not used or not given), "number" or "tensor"
+    count_given: bool  # whether the count the mode divides by is given (then it is settings[_COUNT])
     count_dtype: torch.dtype  # the integer type a bool mask is counted in
     want_grad: bool
     band_closed: bool  # valueloss.functional.BAND_CLOSED, read while tracing
@@ -100,18 +106,18 @@ class _Plan(NamedTuple):
 _CLIP_EPS, _HUBER_DELTA, _SCALE, _DP_SIZE, _NORM, _COUNT, _TOKENS = range(7)
 
 
-def _loss_and_grad(values, old_values, returns, action_mask, mask_sums, count, settings, plan):
+def _loss_and_grad(values, old_values, returns, action_mask, mask_sums, settings, plan):
     """``(loss, d loss / d values or None)`` of :func:`valueloss.functional.value_loss`, in one graph.
 
-    ``settings`` holds the numbers (see ``_CLIP_EPS`` ...) in the compute dtype; ``mask_sums`` are a float
-    mask's sums taken outside (over everything, or per sequence; None otherwise); ``count`` is a tensor
-    count (None otherwise). The gradient is for an incoming gradient of 1, with the aggregation's factors
-    applied in the order of autograd's backward through the eager formula, then the per-token derivative.
+    ``settings`` holds the numbers (see ``_CLIP_EPS`` ...) in the compute dtype; ``mask_sums`` are a weight
+    mask's sums taken outside (over everything, or per sequence; None otherwise). The gradient is for an
+    incoming gradient of 1: the aggregation's factors applied in the order of autograd's backward through
+    the eager formula, then the per-token derivative.
     """
     dtype = settings.dtype
     per_token = (settings[_CLIP_EPS] if plan.clipped else None, plan.variant, plan.loss_type, settings[_HUBER_DELTA])
     scale, dp_size = settings[_SCALE], settings[_DP_SIZE]
-    given = count if plan.count_kind == "tensor" else settings[_COUNT] if plan.count_kind == "number" else None
+    given = settings[_COUNT] if plan.count_given else None
     per_sequence = plan.mode.startswith("seq-mean")
     keep = weight = None
     if plan.mask_kind == "bool":  # viewed as bytes, and compared as floats (see fused_value_loss)
@@ -188,7 +194,7 @@ def _compiled(plan: _Plan) -> Callable:
                 code = _loss_and_grad.__code__
                 code = code.replace(co_name=f"{code.co_name}_{len(_COMPILED)}")
                 function = types.FunctionType(code, _loss_and_grad.__globals__, code.co_name)
-                compiled = _COMPILED[plan] = torch.compile(function, dynamic=True, fullgraph=True)
+                compiled = _COMPILED[plan] = _COMPILE(function)
     return compiled
 
 
@@ -224,32 +230,36 @@ class FusedValueLoss(torch.autograd.Function):
     """Forward: the loss and its gradient (for an incoming gradient of 1) in one pass; backward: that
     gradient times the incoming one. Call through :func:`fused_value_loss`, which validates the arguments.
 
-    ``apply(values, old_values, returns, action_mask, mask_sums, count, settings, plan)`` returns
+    ``apply(values, old_values, returns, action_mask, mask_sums, settings, plan)`` returns
     ``(loss, gradient)``, the gradient not differentiable. Backward multiplies the saved gradient in place
     by ``grad_output`` and hands it over (so a step allocates one gradient, and ``grad_output`` is never
     read on the host); a second backward through a retained graph recomputes it from the saved inputs.
     """
 
     @staticmethod
-    def forward(values, old_values, returns, action_mask, mask_sums, count, settings, plan):
-        return _run(values, (values, old_values, returns, action_mask, mask_sums, count, settings), plan)
+    def forward(values, old_values, returns, action_mask, mask_sums, settings, plan):
+        return _run(values, (values, old_values, returns, action_mask, mask_sums, settings), plan)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        values, old_values, returns, action_mask, mask_sums, count, settings, plan = inputs
+        values, old_values, returns, action_mask, mask_sums, settings, plan = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(values, old_values, returns, action_mask, mask_sums, count)
+        ctx.set_materialize_grads(False)  # else backward gets a zero tensor of the input's size for the gradient output
+        ctx.save_for_backward(values, old_values, returns, action_mask, mask_sums)
         ctx.settings, ctx.plan, ctx.grad = settings, plan, output[1]
 
     @staticmethod
     def backward(ctx, grad_output, _):
         if torch.is_grad_enabled():  # create_graph=True, which torch.func.grad/vjp/jacrev use
-            raise RuntimeError(_NO_DERIVATIVE.format(what="backward with create_graph=True (or a torch.func transform)"))
+            raise RuntimeError(_NO_DERIVATIVE.format(what="backward with create_graph=True (or a torch.func "
+                                                          "transform)"))
         grad, ctx.grad = ctx.grad, None  # released here, so that autograd can hand the buffer over as values.grad
+        if grad_output is None:  # the loss took no part in what is differentiated (grads are not materialised)
+            return (None,) * 7
         if grad is None:  # a second backward through a retained graph: recompute
             values, *rest = ctx.saved_tensors
             _, grad = _run(values, (values, *rest, ctx.settings), ctx.plan)
-        return grad.mul_(grad_output), None, None, None, None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -321,23 +331,24 @@ def fused_value_loss(
     clip_eps, variant, loss_type, huber_delta = per_token
     mode = config.mode
     per_sequence = mode.startswith("seq-mean")
-    # The one count the mode divides by (token-sum divides by none).
+    # The one count the mode divides by (token-sum divides by none), given as a number or a tensor.
     count = None if mode == "token-sum" else counts.global_batch_size if per_sequence else counts.batch_num_tokens
-    count_kind = "none" if count is None else "tensor" if isinstance(count, Tensor) else "number"
     norm = config.loss_scale_factor if config.loss_scale_factor is not None else max(values.shape[-1], 1)
     tokens = values.shape[-1] if per_sequence else values.numel()
     numbers = [clip_eps or 0.0, huber_delta, config.scale, float(counts.dp_size), norm,
-               count if count_kind == "number" else 0.0, tokens]
+               count if count is not None and not isinstance(count, Tensor) else 0.0, tokens]
     settings_tensor = _settings_tensor(numbers, dtype, device)
-    count_tensor = count.to(device=device, dtype=dtype, non_blocking=True) if count_kind == "tensor" else None
+    if isinstance(count, Tensor):  # never read on the host: joined to the settings on the device
+        count = count.to(device=device, dtype=dtype, non_blocking=True).reshape(1)
+        settings_tensor = torch.cat([settings_tensor[:_COUNT], count, settings_tensor[_COUNT + 1:]])
     mask_kind = _mask_kind(action_mask)
     mask_sums = None
-    if mask_kind == "weights" and (per_sequence or (mode == "token-mean" and count_kind == "none")):
+    if mask_kind == "weights" and (per_sequence or (mode == "token-mean" and count is None)):
         # a weight mask's sums, by ATen as in the eager path (the same numbers, to the last bit)
         weights = action_mask.to(dtype)
         mask_sums = weights.sum(dim=-1, keepdim=True) if per_sequence else weights.sum()
     want_grad = values.requires_grad and torch.is_grad_enabled()
-    plan = _Plan(variant, loss_type, clip_eps is not None, mode, mask_kind, count_kind,
+    plan = _Plan(variant, loss_type, clip_eps is not None, mode, mask_kind, count is not None,
                  torch.int32 if values.numel() <= torch.iinfo(torch.int32).max else torch.int64, want_grad,
                  F.BAND_CLOSED)
     if mask_kind == "bool":
@@ -347,7 +358,7 @@ def fused_value_loss(
         # bytes compared as bytes, 3.9 ms with them converted to float32 first). Counting the bytes in int32
         # is fast (0.2 ms).
         action_mask = action_mask.view(torch.uint8)
-    args = (values, old_values, returns, action_mask, mask_sums, count_tensor, settings_tensor, plan)
+    args = (values, old_values, returns, action_mask, mask_sums, settings_tensor, plan)
     if not want_grad:
         return _run(values, args[:-1], plan)[0]
     return FusedValueLoss.apply(*args)[0]
