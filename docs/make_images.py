@@ -48,7 +48,7 @@ def loss_surfaces() -> Figure:
 
 
 def gradients() -> Figure:
-    """03: region map with the gradient field, and the descent that stalls at the band edge."""
+    """03: region map with the gradient field, and one value's descent, whose pull stops past the band edge."""
     fig = Figure(figsize=(12, 4.4), layout="constrained")
     ax_map, ax_descent = fig.subplots(1, 2)
     plotting.region_map(ax_map, clip_eps=0.2, extent=1.0, num=256)

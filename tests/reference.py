@@ -157,6 +157,23 @@ def grad_loops(values, old_values, returns, mask=None, *, clip_eps=None, variant
     return torch.tensor(out, dtype=torch.float64).reshape(values.shape)
 
 
+def explained_variance_loops(values, returns, mask=None) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the unmasked tokens (population variances), 0 when
+    ``Var(returns)`` is 0 so that it is never NaN."""
+    V, R = _rows(values), _rows(returns)
+    M = _rows(mask) if mask is not None else [[1.0] * len(row) for row in V]
+    kept = [(v, r) for vr, rr, mr in zip(V, R, M) for v, r, m in zip(vr, rr, mr) if m != 0]
+    n = len(kept)
+    if n == 0:
+        return 0.0
+    mean_r = sum(r for _, r in kept) / n
+    var_r = sum((r - mean_r) ** 2 for _, r in kept) / n
+    residuals = [r - v for v, r in kept]
+    mean_e = sum(residuals) / n
+    var_e = sum((e - mean_e) ** 2 for e in residuals) / n
+    return 1.0 - var_e / var_r if var_r > 0 else 0.0
+
+
 def openrlhf_formula(values, old_values, returns, action_mask, clip_eps=None, token_level_loss=True,
                      dp_size=1, batch_num_tokens=None, global_batch_size=None):
     """OpenRLHF's ValueLoss.forward, from its published definition (mask required, as there)."""
@@ -176,3 +193,77 @@ def openrlhf_formula(values, old_values, returns, action_mask, clip_eps=None, to
         denominator = row_kept.sum() if global_batch_size is None else global_batch_size
         reduced = (torch.where(row_kept.bool(), row_means, 0.0) * row_kept).sum() / denominator * dp_size
     return 0.5 * reduced
+
+
+# --------------------------------------------------------------------------- regions, and verl's min-max clip
+
+
+def token_region(v, o, r, clip_eps, variant="max", loss_type="squared", delta=1.0, band_closed=None) -> int:
+    """Region code of one token: 0 inside the band (closed or open as in :func:`token_grad`), or no clipping;
+    1 outside with the clipped branch strictly larger (every token outside for ``variant="clipped"``),
+    where the gradient is zero; 2 outside otherwise (the unclipped branch larger or tied)."""
+    if band_closed is None:
+        band_closed = AUTOGRAD_BAND_CLOSED
+    if clip_eps is None:
+        return 0
+    d = v - o
+    outside = abs(d) > clip_eps if band_closed else abs(d) >= clip_eps
+    if not outside:
+        return 0
+    if variant == "clipped":
+        return 1
+    v_clipped = o + min(max(d, -clip_eps), clip_eps)
+    return 1 if _penalty(v_clipped - r, loss_type, delta) > _penalty(v - r, loss_type, delta) else 2
+
+
+def _tie_share(x: float, other: float, wins: bool) -> float:
+    """d max(x, other) / dx (or min, ``wins`` saying whether x is the one picked): 1, 0, or 1/2 on a tie."""
+    return 0.5 if x == other else (1.0 if wins else 0.0)
+
+
+def clip_by_value(x: float, lo: float, hi: float) -> tuple[float, float]:
+    """``max(min(x, hi), lo)`` and its derivative in ``x`` with autograd's rule for ``torch.min`` and
+    ``torch.max``: equal inputs share the gradient evenly. So ``x`` gets 1 strictly inside, 1/2 at
+    ``x == hi`` (from the min) or ``x == lo`` (from the max), 1/4 at ``x == lo == hi``, 0 outside."""
+    smaller = min(x, hi)
+    d_smaller = _tie_share(x, hi, x < hi)
+    clipped = max(smaller, lo)
+    return clipped, d_smaller * _tie_share(smaller, lo, smaller > lo)
+
+
+def token_loss_min_max(v, r, lo, hi) -> float:
+    """The per-token loss ``max((clip_by_value(v, lo, hi) - r)^2, (v - r)^2)``; verl's form has
+    ``lo = old - eps`` and ``hi = old + eps``."""
+    v_clipped, _ = clip_by_value(v, lo, hi)
+    return max((v_clipped - r) ** 2, (v - r) ** 2)
+
+
+def token_grad_min_max(v, r, lo, hi) -> float:
+    """d token_loss_min_max / d v: min-then-max tie splitting in the clip, ties of the outer max split in half."""
+    v_clipped, d_clipped = clip_by_value(v, lo, hi)
+    unclipped, clipped = (v - r) ** 2, (v_clipped - r) ** 2
+    slope_unclipped, slope_clipped = 2.0 * (v - r), 2.0 * (v_clipped - r) * d_clipped
+    if unclipped > clipped:
+        return slope_unclipped
+    if clipped > unclipped:
+        return slope_clipped
+    return 0.5 * (slope_clipped + slope_unclipped)
+
+
+def grad_loops_min_max(values, old_values, returns, mask=None, *, clip_eps, mode="token-mean", scale=0.5,
+                       **counts) -> torch.Tensor:
+    """d loss / d values of ``scale * aggregate(token_loss_min_max)`` with the band ``[old - eps, old + eps]``,
+    as a float64 tensor of the values' shape."""
+    V, O, R = _rows(values), _rows(old_values), _rows(returns)
+    M = _rows(mask) if mask is not None else [[1.0] * len(row) for row in V]
+    W = weights_loops(M, mode, **counts)
+    out = []
+    for vr, orow, rr, wr, mr in zip(V, O, R, W, M):
+        out.append([scale * w * token_grad_min_max(v, r, o - clip_eps, o + clip_eps) if m != 0 else 0.0
+                    for v, o, r, w, m in zip(vr, orow, rr, wr, mr)])
+    return torch.tensor(out, dtype=torch.float64).reshape(values.shape)
+
+
+def on_band_edge(v, o, clip_eps) -> bool:
+    """Whether ``v`` sits exactly on an edge of the band around ``o``: ``v == o - eps`` or ``v == o + eps``."""
+    return v == o - clip_eps or v == o + clip_eps

@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from reference import weights_loops
 
 matplotlib.use("Agg")
 
@@ -33,19 +34,15 @@ def test_ragged_batch_lengths_and_empty_rows():
         demo.ragged_batch(4, 4, num_empty=5)
 
 
-def test_sequence_weights_match_counting():
-    """token-mean weighs a sequence by n_s / N, seq-mean-token-mean by 1 / S, seq-mean-token-sum by n_s / S."""
+def test_sequence_weights_match_the_reference():
+    """Each sequence's share is the row sum of the reference's per-token weights: token-mean weighs a sequence by
+    n_s / N, seq-mean-token-mean by 1 / S, seq-mean-token-sum by n_s / S (here n = 4, 1, 0, 2; N = 7; S = 3)."""
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    n = [4, 1, 0, 2]
-    expected = {
-        "token-mean": [x / 7 for x in n],
-        "token-sum": [float(x) for x in n],
-        "seq-mean-token-mean": [1 / 3, 1 / 3, 0.0, 1 / 3],
-        "seq-mean-token-sum": [x / 3 for x in n],
-        "seq-mean-token-sum-norm": [x / 3 / 4 for x in n],
-    }
-    for mode, shares in expected.items():
+    rows = mask.double().tolist()
+    for mode in ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        shares = [sum(row) for row in weights_loops(rows, mode)]
         torch.testing.assert_close(demo.sequence_weights(mask, mode), torch.tensor(shares, dtype=torch.float64))
+    assert [sum(row) for row in weights_loops(rows, "seq-mean-token-mean")] == [1 / 3, 1 / 3, 0.0, 1 / 3]
 
 
 def test_plot_mask_shows_the_mask():

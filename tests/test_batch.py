@@ -1,4 +1,5 @@
-"""Tests of valueloss.batch.report: loading, validation errors, the report's numbers, the sample batch and the figure."""
+"""Tests of valueloss.batch (io, synthetic, report): loading, validation errors, the report's numbers against
+tests/reference.py, the sample batch; and of its figure, valueloss.viz.batch_plot."""
 
 import json
 import math
@@ -8,15 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
 from bands import band
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import valueloss.batch as vi
 from valueloss import diagnose, functional
-from valueloss.batch import report as vi
+from valueloss.batch import report as report_module
+from valueloss.batch.report import HISTOGRAM_EDGES
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
+INSIDE, CLIPPED, UNCLIPPED = 0, 1, 2  # the region codes of reference.token_region
 REPORTED = ("loss", "loss_unclipped", "clip_fraction", "outside_band_fraction", "explained_variance", "mean_abs_error")
 
 
@@ -210,6 +215,26 @@ def test_error_other_bad_contents():
         vi.validate_batch(empty)
 
 
+def test_wrong_argument_types_name_the_argument(tmp_path):
+    """An argument of the wrong type is a TypeError naming the argument, what was expected and what arrived."""
+    batch = vi.synthetic_batch(seed=0, batch_size=2, max_len=5)
+    cases = [
+        (lambda: vi.load_batch(None), r"path must be a str or os.PathLike naming a batch file; got NoneType"),
+        (lambda: vi.load_batch_bytes("abc", "b.npz"), r"data must be the file's bytes .*; got str"),
+        (lambda: vi.load_batch_bytes(b"abc", None), r"filename must be a str .*; got NoneType"),
+        (lambda: vi.save_batch({"values": 1}, tmp_path / "b.npz"), r"batch must be a Batch .*; got dict"),
+        (lambda: vi.save_batch(batch, 7), r"path must be a str or os.PathLike ending in .pt, .pth or .npz; got int"),
+        (lambda: vi.inspect_batch({"values": 1}), r"batch must be a valueloss.batch.Batch .*; got dict"),
+        (lambda: vi.format_report(batch), r"report must be an InspectReport \(from inspect_batch\); got Batch"),
+        (lambda: vi.synthetic_batch(seed=0.5), r"seed must be an integer; got float"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"got batch_size=2, min_len=5, max_len=3"):
+        vi.synthetic_batch(batch_size=2, min_len=5, max_len=3)
+
+
 def test_validate_accepts_numpy_and_torch_alike():
     """The same batch given as NumPy arrays or as torch tensors validates to equal arrays, copied from the input."""
     data = _arrays(5)
@@ -249,25 +274,6 @@ def test_safetensors_bfloat16_falls_back_to_torch(tmp_path):
     np.testing.assert_array_equal(batch.action_mask, data["action_mask"].numpy())
 
 
-def test_reading_npz_and_safetensors_needs_no_torch(tmp_path):
-    """Loading and reporting a .npz or a float32 .safetensors file leaves torch unimported (fresh interpreter)."""
-    pytest.importorskip("safetensors")
-    from safetensors.numpy import save_file
-
-    arrays = {k: v.numpy() for k, v in _arrays(8).items()}
-    save_file(arrays, str(tmp_path / "b.safetensors"))
-    np.savez(tmp_path / "b.npz", **arrays)
-    code = (
-        "import sys\nfrom valueloss.batch.report import format_report, inspect_batch, load_batch\n"
-        f"for name in ('b.npz', 'b.safetensors'):\n"
-        f"    print(inspect_batch(load_batch({str(tmp_path)!r} + '/' + name)).num_tokens)\n"
-        "print('torch' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    tokens = str(int(arrays["action_mask"].sum()))
-    assert out.stdout.split() == [tokens, tokens, "False"]
-
-
 def test_batch_tensors_gives_torch_copies():
     """Batch.tensors() returns (values, old_values, returns, action_mask) as new torch tensors of the same data."""
     batch = vi.synthetic_batch(seed=2, batch_size=3, max_len=7)
@@ -283,17 +289,31 @@ def test_batch_tensors_gives_torch_copies():
 # --------------------------------------------------------------------------- the report's numbers
 
 
-def _loop_regions(batch, eps):
-    """Clipped (gradient zero) flags by the definition: outside the band and the clipped branch strictly larger."""
-    flags = []
-    for vr, orow, rr in zip(batch.values.astype(float).tolist(), batch.old_values.astype(float).tolist(),
-                            batch.returns.astype(float).tolist(), strict=True):
-        row = []
-        for v, o, r in zip(vr, orow, rr, strict=True):
-            vc = min(max(v, o - eps), o + eps)
-            row.append(abs(v - o) > eps and (vc - r) ** 2 > (v - r) ** 2)
-        flags.append(row)
-    return np.array(flags, dtype=bool)
+def _loop_regions(batch, eps, variant="max", band_closed=None):
+    """Each token's region code from reference.token_region (plain floats), as a (B, T) array."""
+    rows = zip(batch.values.astype(float).tolist(), batch.old_values.astype(float).tolist(),
+               batch.returns.astype(float).tolist(), strict=True)
+    return np.array([[reference.token_region(v, o, r, eps, variant, band_closed=band_closed)
+                      for v, o, r in zip(*row, strict=True)] for row in rows])
+
+
+def _loop_report(batch, eps, mode, variant, band_closed=None):
+    """The report's six headline numbers from tests/reference.py's plain loops (masked-out tokens skipped)."""
+    tensors = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (batch.values, batch.old_values,
+                                                                            batch.returns)]
+    mask = torch.from_numpy(np.asarray(batch.action_mask))
+    regions = _loop_regions(batch, eps, variant, band_closed)[batch.action_mask]
+    n = int(batch.action_mask.sum())
+    errors = [abs(r - v) for v, r in zip(batch.values[batch.action_mask].astype(float).tolist(),
+                                         batch.returns[batch.action_mask].astype(float).tolist(), strict=True)]
+    return {
+        "loss": reference.loss_loops(*tensors, mask, clip_eps=eps, variant=variant, mode=mode),
+        "loss_unclipped": reference.loss_loops(*tensors, mask, mode=mode),
+        "clip_fraction": int((regions == CLIPPED).sum()) / n,
+        "outside_band_fraction": int((regions != INSIDE).sum()) / n,
+        "explained_variance": reference.explained_variance_loops(tensors[0], tensors[2], mask),
+        "mean_abs_error": sum(errors) / n,
+    }
 
 
 def test_report_numbers_match_loops():
@@ -303,7 +323,7 @@ def test_report_numbers_match_loops():
     report = vi.inspect_batch(batch, clip_eps=eps)
     mask = batch.action_mask
     assert report.num_tokens == int(mask.sum()) and report.num_sequences == 6
-    clipped = _loop_regions(batch, eps) & mask
+    clipped = (_loop_regions(batch, eps) == CLIPPED) & mask
     assert report.clip_fraction == pytest.approx(clipped.sum() / mask.sum(), rel=1e-12)
     terms_clip, terms_plain = [], []
     for v, o, r in zip(batch.values[mask].astype(float).tolist(), batch.old_values[mask].astype(float).tolist(),
@@ -315,7 +335,7 @@ def test_report_numbers_match_loops():
     assert report.loss_unclipped == pytest.approx(0.5 * sum(terms_plain) / len(terms_plain), rel=1e-12)
     normalized = [(v - o) / eps for v, o in zip(batch.values[mask].astype(float).tolist(),
                                                  batch.old_values[mask].astype(float).tolist(), strict=True)]
-    edges = vi.HISTOGRAM_EDGES
+    edges = HISTOGRAM_EDGES
     expected_counts = [sum(lo <= x < hi for x in normalized) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     assert report.histogram_counts == expected_counts
     for s in report.sequences:
@@ -329,7 +349,7 @@ def test_clip_fraction_by_position_against_loops():
     """Each tenth's clip fraction is clipped / tokens among tokens whose rank / row length falls in that tenth."""
     batch = vi.synthetic_batch(seed=4, batch_size=5, max_len=30)
     report = vi.inspect_batch(batch, clip_eps=0.2)
-    clipped = _loop_regions(batch, 0.2)
+    clipped = _loop_regions(batch, 0.2) == CLIPPED
     tokens, hits = [0] * 10, [0] * 10
     for row_mask, row_clipped in zip(batch.action_mask.tolist(), clipped.tolist(), strict=True):
         n, rank = sum(row_mask), 0
@@ -362,17 +382,17 @@ GRID = [(0, 1, 1, ()), (1, 1, 7, ()), (2, 5, 9, (1, 3)), (3, 41, 401, (0, 17, 40
 @pytest.mark.parametrize("variant", functional.VARIANTS)
 @pytest.mark.parametrize("mode", functional.AGGREGATION_MODES)
 @pytest.mark.parametrize("case", GRID, ids=[f"{b}x{t}-empty{len(e)}" for _, b, t, e in GRID])
-def test_report_equals_diagnose_on_ragged_batches(case, mode, variant):
-    """Loss, clip fraction, share outside, EV and MAE equal valueloss.diagnose on float64 tensors (rtol 1e-6)."""
+def test_report_equals_loops_on_ragged_batches(case, mode, variant):
+    """Loss, clip fraction, share outside, EV and MAE equal tests/reference.py's plain loops (rtol 1e-12), with
+    empty rows and NaN in the padding."""
     seed, batch_size, max_len, empty_rows = case
     batch = _ragged(seed, batch_size, max_len, empty_rows)
-    values, old_values, returns, mask = batch.tensors()
     for eps in (0.05, 0.3):
         report = vi.inspect_batch(batch, clip_eps=eps, mode=mode, variant=variant)
-        expected = diagnose(values, old_values, returns, mask, clip_eps=eps, mode=mode, variant=variant).to_dict()
+        expected = _loop_report(batch, eps, mode, variant)
         for key in REPORTED:
-            assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
-        assert report.num_tokens == expected["num_tokens"]
+            assert getattr(report, key) == pytest.approx(expected[key], rel=1e-12, abs=1e-15), key
+        assert report.num_tokens == int(batch.action_mask.sum())
 
 
 DYADIC = st.integers(-12, 12).map(lambda k: k / 8)
@@ -386,20 +406,24 @@ DYADIC = st.integers(-12, 12).map(lambda k: k / 8)
     variant=st.sampled_from(functional.VARIANTS),
     band_closed=st.booleans(),
 )
-def test_report_equals_diagnose_with_ties_and_band_edges(data, eps, mode, variant, band_closed):
-    """On eighths (|v - old| = eps happens exactly; returns None = the tie point) counts and losses equal
-    diagnose's, with the band closed (torch <= 2.13) and open (torch >= 2.14) on any installed torch."""
+def test_report_equals_loops_with_ties_and_band_edges(data, eps, mode, variant, band_closed):
+    """On eighths (|v - old| = eps happens exactly; returns None = the tie point) counts and losses equal the
+    plain loops', with the band closed (torch <= 2.13) and open (torch >= 2.14) on any installed torch."""
     # A return halfway between v and its clipped value makes both branches of the max equal (an exact tie).
     data = [(v, o, (v + o + min(max(v - o, -eps), eps)) / 2 if r is None else r, m) for v, o, r, m in data]
     values, old_values, returns, mask = (np.array(column).reshape(2, 3) for column in zip(*data))
     mask[0, 0] = True
-    tensors = [torch.from_numpy(a) for a in (values, old_values, returns, mask)]
+    batch = vi.Batch(values, old_values, returns, mask)
     with band(band_closed):
-        batch = vi.Batch(values, old_values, returns, mask)
         report = vi.inspect_batch(batch, clip_eps=eps, mode=mode, variant=variant)
-        expected = diagnose(*tensors, clip_eps=eps, mode=mode, variant=variant).to_dict()
+    expected = _loop_report(batch, eps, mode, variant, band_closed)
     for key in REPORTED:
-        assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
+        assert getattr(report, key) == pytest.approx(expected[key], rel=1e-12, abs=1e-15), key
+    regions = _loop_regions(batch, eps, variant, band_closed)
+    for s in report.sequences:
+        row = regions[s.index][mask[s.index]]
+        assert (s.clipped, s.outside_unclipped) == (int((row == CLIPPED).sum()),
+                                                    int((row == UNCLIPPED).sum()))
 
 
 @pytest.mark.parametrize("band_closed", [True, False], ids=["closed", "open"])
@@ -418,7 +442,7 @@ def test_band_edge_and_tie_by_hand(band_closed):
     (row,) = report.sequences
     assert (row.clipped, row.outside_unclipped, row.first_clipped_position) == (1, 1 + edges_outside, 3)
     # Histogram bins are [lo, hi): +1.0 counts in [+1.0, +1.5), -1.0 in [-1.0, -0.5); 3.0 in [+3.0, +inf).
-    counts = dict(zip(vi.HISTOGRAM_EDGES[:-1], report.histogram_counts, strict=True))
+    counts = dict(zip(HISTOGRAM_EDGES[:-1], report.histogram_counts, strict=True))
     assert (counts[1.0], counts[-1.0], counts[3.0], counts[0.5]) == (1, 1, 2, 1)
     thresholds = vi.clip_thresholds(values, np.zeros_like(values), returns)
     np.testing.assert_array_equal(thresholds, [[0.25, 0.25, 0.25, 0.75, 0.0]])
@@ -436,25 +460,26 @@ def test_sample_report_equals_diagnose_in_float32():
             assert getattr(report, key) == pytest.approx(expected[key], rel=1e-6), (mode, key)
 
 
-def test_band_closed_agrees_with_functional_without_importing_torch(monkeypatch):
-    """band_closed() is functional.BAND_CLOSED, read from the module once loaded and from torch's release
-    number before (the release the probe gave it on); version strings of every form parse, others raise."""
-    installed = functional.BAND_CLOSED
-    for closed in (True, False):
-        with band(closed):
-            assert vi.band_closed() is closed
-    monkeypatch.delitem(sys.modules, "valueloss.functional")
-    assert vi.band_closed() is installed
-    assert [vi._release(v) for v in ("2.13.0+cpu", "2.14.1+cu130", "2.15.0a0+git1234", "3.0")] == [
-        (2, 13), (2, 14), (2, 15), (3, 0)]
-    with pytest.raises(ValueError, match="torch's version must start with major.minor; got 'nightly'"):
-        vi._release("nightly")
+def test_sample_report_equals_loops():
+    """On the shipped float32 sample every mode's headline numbers equal the plain loops' (rtol 1e-12)."""
+    batch = vi.load_batch(SAMPLE)
+    for mode in functional.AGGREGATION_MODES:
+        report = vi.inspect_batch(batch, clip_eps=0.2, mode=mode)
+        expected = _loop_report(batch, 0.2, mode, "max")
+        for key in REPORTED:
+            assert getattr(report, key) == pytest.approx(expected[key], rel=1e-12), (mode, key)
 
 
-def test_inspect_and_functional_share_one_list_of_setting_names():
-    """valueloss.batch.report (torch-free) and valueloss.functional name the same modes and variants, from one module."""
-    assert vi.AGGREGATION_MODES is functional.AGGREGATION_MODES and vi.VARIANTS is functional.VARIANTS
-    assert "seq-mean-token-sum-norm" in vi.AGGREGATION_MODES and vi.VARIANTS == ("max", "clipped")
+def test_report_has_no_math_of_its_own():
+    """The report calls diagnose and functional.clip_regions with a functional.LossConfig, the CLI offers
+    functional's modes, and no copy of the loss, the aggregation or the band's edges is left."""
+    from valueloss.batch import cli
+
+    module = report_module
+    assert module.diagnose is diagnose and module.clip_regions is functional.clip_regions
+    assert module.LossConfig is functional.LossConfig and cli.AGGREGATION_MODES is functional.AGGREGATION_MODES
+    for name in ("band_closed", "_torch_version", "_release", "_aggregate", "_token_losses", "_explained_variance"):
+        assert not hasattr(module, name), name
 
 
 @pytest.mark.parametrize("variant", ["max", "clipped"])
@@ -490,7 +515,8 @@ def test_suggested_range_hits_the_target():
 
 
 def test_inspect_rejects_bad_settings():
-    """clip_eps must be a positive finite number, mode one of the aggregation modes, shapes must agree."""
+    """clip_eps must be a positive finite number, mode and variant known, shapes agree, the target a pair of
+    fractions, top a count: each message names the argument."""
     batch = vi.synthetic_batch(seed=0, batch_size=2, max_len=5)
     for clip_eps in (0, -0.1, float("nan"), float("inf"), "0.2", True):
         with pytest.raises(ValueError, match="clip_eps must be a positive number"):
@@ -504,6 +530,14 @@ def test_inspect_rejects_bad_settings():
         vi.inspect_batch(short)
     with pytest.raises(ValueError, match="selects no token"):
         vi.inspect_batch(vi.Batch(batch.values, batch.old_values, batch.returns, np.zeros((2, 5), bool)))
+    with pytest.raises(ValueError, match=r"target_clip_fraction must be \(low, high\) with 0 <= low <= high <= 1; "
+                                         r"got \(0.3, 0.1\)"):
+        vi.inspect_batch(batch, target_clip_fraction=(0.3, 0.1))
+    with pytest.raises(ValueError, match=r"target_clip_fraction must be a pair \(low, high\) .*; got 0.1"):
+        vi.inspect_batch(batch, target_clip_fraction=0.1)
+    for top in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"top must be a non-negative integer .*; got {top!r}"):
+            vi.format_report(vi.inspect_batch(batch), top=top)
 
 
 def test_report_json_and_text():
@@ -566,13 +600,16 @@ def test_save_batch_round_trip(tmp_path, suffix):
 
 
 def test_plot_report_artist_data(tmp_path):
-    """The figure shows the report's curve, the band lines at +-1 and one bar per sequence; the PNG is written."""
+    """The figure (valueloss.viz.batch_plot) shows the report's curve, the band lines at +-1 and one bar per
+    sequence; the PNG is written without touching matplotlib's backend."""
     import matplotlib
 
     matplotlib.use("Agg")
+    from valueloss.viz.batch_plot import plot_report
+
     report = vi.inspect_batch(vi.synthetic_batch(seed=0), clip_eps=0.2)
     path = tmp_path / "r.png"
-    fig = vi.plot_report(report, path)
+    fig = plot_report(report, path)
     ax_hist, ax_curve, ax_pos, ax_seq = fig.axes
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(line.get_xdata()[0] for line in ax_hist.get_lines()) == [-1, 1]
@@ -582,15 +619,31 @@ def test_plot_report_artist_data(tmp_path):
     heights = [p.get_height() for p in ax_pos.patches]
     np.testing.assert_allclose(heights, report.clip_fraction_by_position)
     assert len(ax_seq.patches) == 2 * report.num_sequences
-    assert "0.2" in ax_hist.get_title()
+    assert "0.2" in ax_hist.get_title() and matplotlib.get_backend().lower() == "agg"
+    with pytest.raises(TypeError, match="report must be an InspectReport .*; got dict"):
+        plot_report(report.to_dict())
 
 
-def test_import_does_not_load_matplotlib_or_torch():
-    """import valueloss.batch.report and valueloss.batch.cli leaves matplotlib and torch unloaded (valueloss.peers: matplotlib)."""
-    code = ("import sys, valueloss.batch.report, valueloss.batch.cli; print('matplotlib' in sys.modules, 'torch' in sys.modules)\n"
-            "import valueloss.peers; print('matplotlib' in sys.modules)")
+def test_import_does_not_load_matplotlib_or_viz():
+    """Importing every module of valueloss.batch (and valueloss.peers) loads neither matplotlib nor valueloss.viz."""
+    code = ("import sys\n"
+            "import valueloss.batch, valueloss.batch.io, valueloss.batch.synthetic, valueloss.batch.report\n"
+            "import valueloss.batch.cli, valueloss.peers\n"
+            "print(sorted(m for m in ('matplotlib', 'valueloss.viz') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False", "False"]
+    assert out.stdout.split() == ["[]"]
+
+
+def test_batch_sources_import_no_viz_and_no_matplotlib():
+    """No module of valueloss/batch imports matplotlib, and only the CLI's --plot reaches up into valueloss.viz."""
+    import re
+
+    root = Path(vi.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        source = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+matplotlib\b", source, re.M), path.name
+        viz = re.findall(r"^\s*(?:from|import)\s+(?:\.\.|valueloss\.)viz\b.*$", source, re.M)
+        assert viz == (["        from ..viz.batch_plot import plot_report"] if path.name == "cli.py" else []), path.name
 
 
 def test_analysing_the_sample_is_cheap():

@@ -36,16 +36,17 @@ def test_text_report_on_the_sample():
     assert "suggestion  clip_eps in [" in out.stdout and out.stderr == ""
 
 
-def test_inspect_on_npz_never_imports_torch():
-    """`python -m valueloss inspect sample.npz` (text and --json) runs without importing torch (-X importtime)."""
+def test_inspect_without_plot_never_imports_matplotlib():
+    """`python -m valueloss inspect sample.npz` (text and --json) never imports matplotlib or valueloss.viz."""
     for extra in ((), ("--json",)):
         out = subprocess.run([sys.executable, "-X", "importtime", "-m", "valueloss", "inspect", str(SAMPLE), *extra],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "783" in out.stdout
         lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
         imported = [line.rsplit("|", 1)[-1].strip() for line in lines]
-        assert "numpy" in imported and "valueloss.batch.report" in imported
-        assert [name for name in imported if name.split(".")[0] == "torch"] == []
+        assert "valueloss.functional" in imported and "valueloss.batch.report" in imported
+        assert [name for name in imported if name.split(".")[0] == "matplotlib" or name.startswith("valueloss.viz")] \
+            == []
 
 
 def test_inspect_on_pt_still_works(tmp_path):
@@ -91,13 +92,35 @@ def test_bad_files_exit_2_with_a_clear_message(tmp_path, case):
     out = run("inspect", path)
     assert out.returncode == 2
     assert out.stderr.startswith("valueloss inspect: error: ") and message in out.stderr
-    assert out.stdout == ""
+    assert out.stdout == "" and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_a_figure_that_cannot_be_written_exits_2(tmp_path):
+    """--plot into a missing folder or with a suffix matplotlib cannot write: exit 2, one line, no traceback."""
+    cases = {tmp_path / "missing" / "out.png": "FileNotFoundError", tmp_path / "out.txt": "Format 'txt' is not"}
+    for path, message in cases.items():
+        out = run("inspect", SAMPLE, "--plot", path)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.startswith(f"valueloss inspect: error: --plot could not write {path} (")
+        assert message in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_plot_without_matplotlib_exits_2(tmp_path):
+    """Without matplotlib, --plot exits 2 naming the extra to install (and nothing else needs matplotlib)."""
+    code = ("import sys\nsys.modules['matplotlib'] = None  # as if it were not installed\n"
+            "from valueloss.batch.cli import main\n"
+            f"print(main(['inspect', {str(SAMPLE)!r}, '--json']) == 0, file=sys.stderr)\n"
+            f"sys.exit(main(['inspect', {str(SAMPLE)!r}, '--plot', {str(tmp_path / 'out.png')!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and not (tmp_path / "out.png").exists()
+    assert out.stderr == ("True\nvalueloss inspect: error: --plot needs matplotlib; "
+                          "pip install 'valueloss[notebooks]' (or leave out --plot)\n")
 
 
 def test_bad_arguments_exit_2(capsys):
-    """Unknown mode, non-positive clip_eps, inverted target and a missing file all exit with 2."""
+    """Unknown mode, non-positive clip_eps, negative --top, inverted target and a missing file all exit with 2."""
     for argv in (["inspect", str(SAMPLE), "--mode", "mean"], ["inspect", str(SAMPLE), "--clip-eps", "0"],
-                 ["inspect", str(SAMPLE), "--clip-eps", "abc"], []):
+                 ["inspect", str(SAMPLE), "--clip-eps", "abc"], ["inspect", str(SAMPLE), "--top", "-1"], []):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

@@ -2,36 +2,38 @@
 
 import pytest
 import torch
+from bands import band
+from reference import token_grad
 
 from valueloss import Region
 from valueloss.viz.dynamics import simulate_descent, synthetic_batch
 
 
-def reference_descent(value, ret, eps, lr, steps, refresh_every, scale=0.5):
-    """Plain-Python gradient descent on max((v_clip - R)^2, (v - R)^2), old value refreshed every K steps."""
+def reference_descent(value, ret, eps, lr, steps, refresh_every, scale=0.5, band_closed=None):
+    """Plain-Python gradient descent on max((v_clip - R)^2, (v - R)^2) with the reference's gradient (band edges
+    closed or open as ``band_closed``, by default as the installed torch's clamp), old value refreshed every K steps."""
     v, old, values, olds = value, value, [value], []
     for k in range(steps):
         if k % refresh_every == 0:
             old = v
         olds.append(old)
-        v_clip = old + min(max(v - old, -eps), eps)
-        lu, lc = (v - ret) ** 2, (v_clip - ret) ** 2
-        inside = abs(v - old) <= eps
-        gu, gc = 2 * (v - ret), (2 * (v_clip - ret) if inside else 0.0)
-        g = gu if lu > lc else gc if lc > lu else 0.5 * (gu + gc)
-        v = v - lr * scale * g
+        v = v - lr * scale * token_grad(v, old, ret, eps, band_closed=band_closed)
         values.append(v)
     return values, olds
 
 
+@pytest.mark.parametrize("band_closed", [True, False], ids=["closed", "open"])
 @pytest.mark.parametrize(
     "value, ret, eps, lr, steps, refresh",
-    [(0.0, 1.0, 0.2, 0.1, 60, 10), (2.0, -1.0, 0.5, 0.7, 41, 7), (0.3, 0.3, 0.1, 0.2, 5, 1)],
+    [(0.0, 1.0, 0.2, 0.1, 60, 10), (2.0, -1.0, 0.5, 0.7, 41, 7), (0.3, 0.3, 0.1, 0.2, 5, 1),
+     (0.0, 1.0, 0.25, 0.5, 6, 3)],
 )
-def test_simulate_descent_matches_reference_loop(value, ret, eps, lr, steps, refresh):
-    """simulate_descent's values and old values equal a plain loop's."""
-    path = simulate_descent(value, ret, clip_eps=eps, lr=lr, steps=steps, refresh_every=refresh)
-    values, olds = reference_descent(value, ret, eps, lr, steps, refresh)
+def test_simulate_descent_matches_reference_loop(value, ret, eps, lr, steps, refresh, band_closed):
+    """simulate_descent's values and old values equal a plain loop's, with the band's edges closed (torch <= 2.13)
+    and open (torch >= 2.14) on any installed torch."""
+    with band(band_closed):
+        path = simulate_descent(value, ret, clip_eps=eps, lr=lr, steps=steps, refresh_every=refresh)
+    values, olds = reference_descent(value, ret, eps, lr, steps, refresh, band_closed=band_closed)
     torch.testing.assert_close(path.values, torch.tensor(values, dtype=torch.float64))
     torch.testing.assert_close(path.old_values[:-1], torch.tensor(olds, dtype=torch.float64))
     assert path.steps == steps and path.grads.shape == (steps,)

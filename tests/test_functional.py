@@ -407,3 +407,120 @@ def test_tensor_counts_do_not_change_the_loss_dtype(count_dtype):
         loss = F.value_loss(values, old_values, returns, clip_eps=0.2, mode=mode, dp_size=2, **counts)
         assert loss.dtype == torch.float32
         assert F.value_loss_grad(values, old_values, returns, mode=mode, dp_size=2, **counts).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- counts, huge settings, the config
+
+
+def _masked_batch(seed=0, shape=(3, 5)):
+    g = torch.Generator().manual_seed(seed)
+    values, old_values, returns = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(shape, generator=g) > 0.3
+    mask[0, 0] = True  # the mask has tokens: a count of 0 is then a statement about the global batch
+    return values, old_values, returns, mask
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("zero", [0, 0.0, torch.tensor(0), torch.tensor(0.0, dtype=torch.float64)],
+                         ids=["int", "float", "int-tensor", "float-tensor"])
+def test_a_count_of_zero_gives_exactly_zero_loss_and_gradient(mode, zero):
+    """batch_num_tokens=0 / global_batch_size=0 mean "nothing to average": loss and gradient are exactly 0,
+    never the sum, as the loop reference defines it, though the local mask has tokens."""
+    values, old_values, returns, mask = _masked_batch()
+    counts = dict(batch_num_tokens=zero, global_batch_size=zero)
+    leaf = values.clone().requires_grad_(True)
+    loss = F.value_loss(leaf, old_values, returns, mask, clip_eps=0.2, mode=mode, **counts)
+    loss.backward()
+    expected = loss_loops(values, old_values, returns, mask, clip_eps=0.2, mode=mode, **counts)
+    expected_grad = grad_loops(values, old_values, returns, mask, clip_eps=0.2, mode=mode, **counts)
+    if mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        assert expected == 0.0 and torch.count_nonzero(expected_grad) == 0
+        assert loss.item() == 0.0 and torch.count_nonzero(leaf.grad) == 0
+    else:  # token-sum divides by nothing
+        assert loss.item() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(leaf.grad, expected_grad)
+    closed = F.value_loss_grad(values, old_values, returns, mask, clip_eps=0.2, mode=mode, **counts)
+    torch.testing.assert_close(closed, expected_grad)
+
+
+@pytest.mark.parametrize("name", ["batch_num_tokens", "global_batch_size"])
+@pytest.mark.parametrize(("count", "error", "message"), [
+    (-1, ValueError, "must be a non-negative finite count; got -1"),
+    (math.nan, ValueError, "must be a non-negative finite count; got nan"),
+    (math.inf, ValueError, "must be a non-negative finite count; got inf"),
+    ([3], TypeError, "must be None, a number or a one-element tensor; got list"),
+    ("3", TypeError, "must be None, a number or a one-element tensor; got str"),
+])
+def test_counts_given_as_numbers_are_checked(name, count, error, message):
+    """Negative, NaN and infinite counts, and counts that are not numbers or tensors, raise naming the argument."""
+    values, old_values, returns, mask = _masked_batch()
+    with pytest.raises(error, match=f"{name} {message}"):
+        F.value_loss(values, old_values, returns, mask, clip_eps=0.2, mode="token-mean", **{name: count})
+
+
+def test_dp_size_beyond_any_cluster_raises_naming_it():
+    """dp_size=10**30 raises a ValueError naming dp_size (it used to fail inside torch with an overflow)."""
+    with pytest.raises(ValueError, match=r"dp_size must be at most 2147483647 \(a number of ranks\); got 10+$"):
+        F.value_loss(*_inputs(), dp_size=10**30, batch_num_tokens=4)
+    with pytest.raises(TypeError, match="dp_size must be a positive integer; got float"):
+        F.value_loss(*_inputs(), dp_size=2.0, batch_num_tokens=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("huber_delta", [math.inf, 1e300, 1e39])
+def test_a_huber_threshold_beyond_the_dtype_is_the_squared_loss(dtype, huber_delta):
+    """huber_delta=inf (or one whose square overflows) gives the squared loss and finite gradients, not NaN."""
+    values, old_values, returns, mask = (t.to(dtype) if t.is_floating_point() else t for t in _masked_batch(1))
+    leaf = values.clone().requires_grad_(True)
+    huber = F.value_loss(leaf, old_values, returns, mask, clip_eps=0.2, loss_type="huber", huber_delta=huber_delta)
+    huber.backward()
+    squared_leaf = values.clone().requires_grad_(True)
+    squared = F.value_loss(squared_leaf, old_values, returns, mask, clip_eps=0.2)
+    squared.backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert huber.item() == squared.item()
+    torch.testing.assert_close(leaf.grad, squared_leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_clip_range_beyond_the_dtype_never_clips(dtype):
+    """clip_eps=1e39 (past float32's range) is a band wider than any finite difference, exactly as inf is, with
+    no overflow error from clamp; both equal the unclipped loss up to rounding (old + (v - old) is not always v)."""
+    values, old_values, returns, mask = (t.to(dtype) if t.is_floating_point() else t for t in _masked_batch(2))
+    results = []
+    for clip_eps in (1e39, math.inf, None):
+        leaf = values.clone().requires_grad_(True)
+        loss = F.value_loss(leaf, old_values, returns, mask, clip_eps=clip_eps)
+        loss.backward()
+        results.append((loss.item(), leaf.grad))
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    assert results[0][0] == pytest.approx(results[2][0], rel=1e-6)
+    torch.testing.assert_close(results[0][1], results[2][1])
+
+
+def test_config_and_keywords_are_the_same_settings():
+    """A LossConfig and its fields as keywords give the same loss; both at once, or an unknown keyword, raise."""
+    values, old_values, returns, mask = _masked_batch(3)
+    config = F.LossConfig(clip_eps=0.2, mode="seq-mean-token-mean", loss_type="huber", huber_delta=0.5, scale=1.0)
+    keywords = dict(clip_eps=0.2, mode="seq-mean-token-mean", loss_type="huber", huber_delta=0.5, scale=1.0)
+    assert F.value_loss(values, old_values, returns, mask, config).item() == F.value_loss(
+        values, old_values, returns, mask, **keywords).item()
+    with pytest.raises(TypeError, match="takes either config or keyword settings, not both"):
+        F.value_loss(values, old_values, returns, mask, config, clip_eps=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*clip_range"):
+        F.value_loss(values, old_values, returns, mask, clip_range=0.1)
+    with pytest.raises(TypeError, match="config must be a LossConfig or None; got dict"):
+        F.value_loss(values, old_values, returns, mask, keywords)
+    with pytest.raises(ValueError, match="clip_eps must be None or a non-negative number; got -1"):
+        config.replace(clip_eps=-1)
+
+
+@pytest.mark.parametrize("position", range(4))
+def test_a_list_in_place_of_a_tensor_names_the_argument(position):
+    """A list instead of any of the four tensors raises TypeError naming that argument (not AttributeError)."""
+    names = ("values", "old_values", "returns", "action_mask")
+    args = list(_masked_batch(4))
+    args[position] = args[position].tolist()
+    with pytest.raises(TypeError, match=f"^{names[position]} must be a torch.Tensor"):
+        F.value_loss(*args, clip_eps=0.2)

@@ -186,3 +186,30 @@ def test_sb3_variant_and_scale():
     ours = ValueLoss(0.2, variant="clipped", scale=1.0)(values, old_values, returns)
     values_pred = old_values + torch.clamp(values - old_values, -0.2, 0.2)
     assert ours.item() == pytest.approx(torch.nn.functional.mse_loss(returns, values_pred).item(), rel=1e-6)
+
+
+def test_fused_is_a_bool_and_off_by_default():
+    """fused defaults to False (the eager formula at every size); anything but a bool raises naming fused."""
+    assert ValueLoss(0.2).fused is False
+    assert "fused" not in repr(ValueLoss(0.2))
+    with pytest.raises(TypeError, match="fused must be True or False; got str 'auto'"):
+        ValueLoss(0.2, fused="auto")
+
+
+def test_clip_eps_is_a_checked_attribute():
+    """clip_eps can be read and annealed like OpenRLHF's attribute; a bad value raises and leaves the old one."""
+    loss_fn = ValueLoss(0.2)
+    loss_fn.clip_eps = 0.1
+    assert loss_fn.clip_eps == 0.1 and loss_fn.config.clip_eps == 0.1
+    with pytest.raises(ValueError, match="clip_eps must be None or a non-negative number; got -0.5"):
+        loss_fn.clip_eps = -0.5
+    assert loss_fn.clip_eps == 0.1
+
+
+def test_a_list_batch_raises_a_type_error_naming_it():
+    """ValueLoss called with a list raises TypeError naming the argument, before anything else touches it."""
+    values = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="^values must be a torch.Tensor; got list"):
+        ValueLoss(0.2)(values.tolist(), values, values)
+    with pytest.raises(TypeError, match="^batch_num_tokens must be None, a number or a one-element tensor; got list"):
+        ValueLoss(0.2)(values, values, values, torch.ones(2, 3, dtype=torch.bool), batch_num_tokens=[6])

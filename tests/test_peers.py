@@ -4,12 +4,23 @@ import math
 
 import pytest
 import torch
-from reference import AUTOGRAD_BAND_CLOSED
+from reference import (
+    AUTOGRAD_BAND_CLOSED,
+    clip_by_value,
+    grad_loops,
+    grad_loops_min_max,
+    loss_loops,
+    on_band_edge,
+    token_grad,
+    token_grad_min_max,
+    token_loss,
+    token_loss_min_max,
+)
 
 from valueloss import ValueLoss, diagnose
 from valueloss import peers as P
 
-# --------------------------------------------------------------------------- independent references
+# --------------------------------------------------------------------------- batches
 
 
 def _batch(seed, shape=(5, 9), empty_rows=False, dtype=torch.float32):
@@ -25,38 +36,23 @@ def _batch(seed, shape=(5, 9), empty_rows=False, dtype=torch.float32):
     return values, old.to(dtype), returns, mask
 
 
-def _token_loss(v, o, r, eps, form="max"):
-    """max((clip(v) - r)^2, (v - r)^2) for one token, in Python floats."""
-    vc = min(max(v, o - eps), o + eps)
-    if form == "clipped":
-        return (vc - r) ** 2
-    return max((vc - r) ** 2, (v - r) ** 2)
+def _bf16_grid_batch(seed, shape=(41, 401), scale=2.0, drift=0.5, dtype=torch.float64):
+    """A batch whose values, old values and returns all lie on the bfloat16 grid (as a bf16 critic's do)."""
+    g = torch.Generator().manual_seed(seed)
+    old = (scale * torch.randn(shape, generator=g)).bfloat16()
+    values = (old.float() + drift * torch.randn(shape, generator=g)).bfloat16()
+    returns = (old.float() + torch.randn(shape, generator=g)).bfloat16()
+    mask = torch.rand(shape, generator=g) < 0.8
+    mask[:, 0] = True
+    return values.to(dtype), old.to(dtype), returns.to(dtype), mask
 
 
-def _rows(*tensors):
-    return [[[float(x) for x in row] for row in t.tolist()] for t in tensors]
-
-
-def ref_masked_mean(values, old, returns, mask, eps, scale=0.5, form="max"):
-    """scale * sum over unmasked tokens of the token loss / their number (NaN when there are none)."""
-    total, count = 0.0, 0
-    for vr, orow, rr, mr in zip(*_rows(values, old, returns, mask.double()), strict=True):
-        for v, o, r, m in zip(vr, orow, rr, mr, strict=True):
-            if m:
-                total += _token_loss(v, o, r, eps, form)
-                count += 1
-    return scale * total / count if count else math.nan
-
-
-def ref_seq_mean(values, old, returns, mask, eps, skip_empty=False, row_eps=0.0):
-    """0.5 * mean over rows of per-row masked means (empty rows: NaN, or skipped)."""
-    row_means = []
-    for vr, orow, rr, mr in zip(*_rows(values, old, returns, mask.double()), strict=True):
-        tokens = [_token_loss(v, o, r, eps) for v, o, r, m in zip(vr, orow, rr, mr, strict=True) if m]
-        if not tokens and skip_empty:
-            continue
-        row_means.append(sum(tokens) / (len(tokens) + row_eps) if tokens or row_eps else math.nan)
-    return 0.5 * sum(row_means) / len(row_means) if row_means else 0.0
+def _grad(fn, values):
+    """d fn(values) / d values by autograd (the first element of a tuple result is the loss)."""
+    leaf = values.detach().clone().requires_grad_(True)
+    out = fn(leaf)
+    (grad,) = torch.autograd.grad(out[0] if isinstance(out, tuple) else out, leaf)
+    return grad
 
 
 # --------------------------------------------------------------------------- each peer vs its reference
@@ -66,8 +62,7 @@ def ref_seq_mean(values, old, returns, mask, eps, skip_empty=False, row_eps=0.0)
 def test_ppo2_and_cleanrl_match_reference(seed):
     """ppo2 and CleanRL are 0.5 * the plain mean of the max-form token loss."""
     values, old, returns, _ = _batch(seed, dtype=torch.float64)
-    ones = torch.ones_like(values, dtype=torch.bool)
-    expected = ref_masked_mean(values, old, returns, ones, 0.2)
+    expected = loss_loops(values, old, returns, clip_eps=0.2)
     assert P.baselines_ppo2_value_loss(values, old, returns, clip_eps=0.2).item() == pytest.approx(expected, rel=1e-12)
     assert P.cleanrl_value_loss(values, old, returns, clip_eps=0.2).item() == pytest.approx(expected, rel=1e-12)
 
@@ -75,9 +70,7 @@ def test_ppo2_and_cleanrl_match_reference(seed):
 def test_cleanrl_without_clip_vloss_is_plain_half_mse():
     """clip_vloss=False gives 0.5 * mean((v - R)^2) whatever clip_eps is."""
     values, old, returns, _ = _batch(3, dtype=torch.float64)
-    pairs = zip(values.flatten().tolist(), returns.flatten().tolist(), strict=True)
-    expected = 0.5 * sum((v - r) ** 2 for v, r in pairs)
-    expected /= values.numel()
+    expected = loss_loops(values, old, returns, clip_eps=None)
     got = P.cleanrl_value_loss(values, old, returns, clip_eps=0.01, clip_vloss=False)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
@@ -86,7 +79,7 @@ def test_cleanrl_without_clip_vloss_is_plain_half_mse():
 def test_masked_token_mean_peers_match_reference(seed):
     """OpenRLHF, TRL, DeepSpeed-Chat and ColossalChat are 0.5 * the masked token mean."""
     values, old, returns, mask = _batch(seed, dtype=torch.float64)
-    expected = ref_masked_mean(values, old, returns, mask, 0.2)
+    expected = loss_loops(values, old, returns, mask, clip_eps=0.2)
     got = {
         "openrlhf": P.openrlhf_value_loss(values, old, returns, mask, clip_eps=0.2),
         "trl": P.trl_value_loss(values, old, returns, mask, clip_eps=0.2),
@@ -101,9 +94,11 @@ def test_openrlhf_without_clip_and_seq_mean():
     """OpenRLHF: clip_eps=None is the plain masked MSE; token_level_loss=False averages row means."""
     values, old, returns, mask = _batch(5, dtype=torch.float64)
     plain = P.openrlhf_value_loss(values, old, returns, mask, clip_eps=None)
-    assert plain.item() == pytest.approx(ref_masked_mean(values, old, returns, mask, math.inf), rel=1e-12)
+    assert plain.item() == pytest.approx(loss_loops(values, old, returns, mask, clip_eps=None), rel=1e-12)
     seq = P.openrlhf_value_loss(values, old, returns, mask, clip_eps=0.2, token_level_loss=False)
-    assert seq.item() == pytest.approx(ref_seq_mean(values, old, returns, mask, 0.2), rel=1e-12)
+    # no empty row here, so the mean over all rows is the mean over the non-empty ones
+    expected = loss_loops(values, old, returns, mask, clip_eps=0.2, mode="seq-mean-token-mean")
+    assert seq.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_openrlhf_seq_mean_empty_row_is_nan():
@@ -115,11 +110,11 @@ def test_openrlhf_seq_mean_empty_row_is_nan():
 def test_sb3_is_mse_of_clipped_prediction_without_half():
     """SB3: mean((R - clip(v))^2), no max, no 0.5; None means no clipping."""
     values, old, returns, _ = _batch(7, dtype=torch.float64)
-    ones = torch.ones_like(values, dtype=torch.bool)
     clipped = P.sb3_value_loss(values, old, returns, clip_range_vf=0.2)
-    assert clipped.item() == pytest.approx(ref_masked_mean(values, old, returns, ones, 0.2, 1.0, "clipped"), rel=1e-12)
+    expected = loss_loops(values, old, returns, clip_eps=0.2, variant="clipped", scale=1.0)
+    assert clipped.item() == pytest.approx(expected, rel=1e-12)
     plain = P.sb3_value_loss(values, old, returns)
-    assert plain.item() == pytest.approx(ref_masked_mean(values, old, returns, ones, math.inf, 1.0), rel=1e-12)
+    assert plain.item() == pytest.approx(loss_loops(values, old, returns, clip_eps=None, scale=1.0), rel=1e-12)
 
 
 def test_sb3_gradient_is_zero_outside_band_on_both_sides():
@@ -131,17 +126,22 @@ def test_sb3_gradient_is_zero_outside_band_on_both_sides():
     assert values.grad.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+VERL_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("mode", VERL_MODES)
 def test_verl_agg_loss_modes_match_reference(mode):
-    """verl's four modes, written out by hand over Python lists (empty rows excluded from S)."""
+    """verl 0.9.1's five modes, written out by hand over Python lists (empty rows excluded from S, 1e-8 per row)."""
     values, old, returns, mask = _batch(8, shape=(4, 6), empty_rows=True, dtype=torch.float64)
-    loss_mat = torch.tensor([[_token_loss(v, o, r, 0.2) for v, o, r in zip(*rows, strict=True)]
-                             for rows in zip(*_rows(values, old, returns), strict=True)], dtype=torch.float64)
-    m = mask.double().tolist()
-    rows = [[x for x, keep in zip(lr, mr, strict=True) if keep] for lr, mr in zip(loss_mat.tolist(), m, strict=True)]
+    loss_mat = torch.tensor([[token_loss(v, o, r, 0.2) for v, o, r in zip(*rows, strict=True)]
+                             for rows in zip(values.tolist(), old.tolist(), returns.tolist(), strict=True)],
+                            dtype=torch.float64)
+    rows = [[x for x, keep in zip(lr, mr, strict=True) if keep] for lr, mr in zip(loss_mat.tolist(), mask.tolist(),
+                                                                                    strict=True)]
     nonempty = [r for r in rows if r]
     expected = {
         "token-mean": sum(map(sum, rows)) / sum(map(len, rows)),
+        "token-sum": sum(map(sum, rows)),
         "seq-mean-token-mean": sum(sum(r) / (len(r) + 1e-8) for r in nonempty) / len(nonempty),
         "seq-mean-token-sum": sum(map(sum, nonempty)) / len(nonempty),
         "seq-mean-token-sum-norm": sum(map(sum, nonempty)) / len(nonempty) / 6,
@@ -156,14 +156,32 @@ def test_verl_agg_loss_global_counts_and_errors():
     loss_mat = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1], [1, 0]])
     assert P.verl_agg_loss(loss_mat, mask, "token-mean", dp_size=2, batch_num_tokens=6).item() == pytest.approx(2.0)
+    assert P.verl_agg_loss(loss_mat, mask, "token-sum", dp_size=2).item() == 12.0
     assert P.verl_agg_loss(loss_mat, mask, "seq-mean-token-sum", dp_size=2, global_batch_size=4).item() == 3.0
     with pytest.raises(ValueError, match="batch_num_tokens"):
         P.verl_agg_loss(loss_mat, mask, "token-mean", dp_size=2)
     with pytest.raises(ValueError, match="global_batch_size"):
         P.verl_agg_loss(loss_mat, mask, "seq-mean-token-mean", dp_size=2)
-    for mode in ("mean", "token-sum"):
+    for mode in ("mean", "seq-mean"):
         with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
             P.verl_agg_loss(loss_mat, mask, mode)
+
+
+def test_verl_agg_loss_empty_mask_is_nan_except_token_sum():
+    """verl 0.9.1 has no zero-count guard: an empty mask gives 0/0 = NaN, token-sum a plain 0."""
+    loss_mat, mask = torch.ones(2, 3), torch.zeros(2, 3)
+    for mode in VERL_MODES:
+        loss = P.verl_agg_loss(loss_mat, mask, mode).item()
+        assert loss == 0.0 if mode == "token-sum" else math.isnan(loss), (mode, loss)
+
+
+def test_verl_agg_loss_masked_nan_stays_out_of_token_modes():
+    """token-mean and token-sum replace masked-out entries by 0 before multiplying (verl's masked_sum)."""
+    loss_mat = torch.tensor([[1.0, float("nan")], [3.0, 5.0]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    assert P.verl_agg_loss(loss_mat, mask, "token-mean").item() == 3.0
+    assert P.verl_agg_loss(loss_mat, mask, "token-sum").item() == 9.0
+    assert math.isnan(P.verl_agg_loss(loss_mat, mask, "seq-mean-token-sum").item())  # loss_mat * mask per row
 
 
 def test_verl_clip_fraction_is_strict_and_matches_diagnose():
@@ -191,7 +209,7 @@ def test_deepspeed_chat_fp32_cast():
     # the band edges old -/+ eps are rounded to bfloat16 before the clamp, as in the peer
     lo, hi = (low[1] - 0.2).double().flatten().tolist(), (low[1] + 0.2).double().flatten().tolist()
     v, r, m = low[0].double().flatten().tolist(), low[2].double().flatten().tolist(), mask.flatten().tolist()
-    terms = [max((min(max(v[i], lo[i]), hi[i]) - r[i]) ** 2, (v[i] - r[i]) ** 2) for i in range(len(v)) if m[i]]
+    terms = [token_loss_min_max(v[i], r[i], lo[i], hi[i]) for i in range(len(v)) if m[i]]
     assert loss.item() == pytest.approx(0.5 * sum(terms) / len(terms), rel=1e-5)
 
 
@@ -227,19 +245,91 @@ def test_valueloss_reproduces_each_peer(name, shape):
             assert result.max_abs_grad_diff <= 1e-6 * max(result.grad_norm, 1e-12) + 1e-12
 
 
-def test_the_two_clip_forms_at_band_edges_follow_the_installed_torch():
-    """On an edge with v_clip == v (a tie): both forms pass the full 2 (v - R) up to torch 2.13; from 2.14
-    the offset form's number-bound clamp passes half (its clipped branch none), the clamp form's
-    tensor-bound clamp three quarters (its clipped branch half)."""
+def test_the_three_clip_forms_at_band_edges():
+    """On an edge v_clip == v, so the max ties. Up to torch 2.13 the offset and clamp forms pass the full
+    2 (v - R); from 2.14 the offset form's number-bound clamp passes half (its clipped branch none), the
+    clamp form's tensor-bound clamp three quarters (its clipped branch half). verl's min-max form passes
+    three quarters on any torch (torch.min/max split ties), as the float64 reference says."""
     values = torch.tensor([0.25, -0.25], dtype=torch.float64, requires_grad=True)
     old_values, returns = torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
+    offset_edge = [token_grad(v, 0.0, r, 0.25) for v, r in ((0.25, 1.0), (-0.25, -1.0))]
+    min_max_edge = [token_grad_min_max(v, r, -0.25, 0.25) for v, r in ((0.25, 1.0), (-0.25, -1.0))]
     full = 2 * (values.detach() - returns)
-    for clip, share in ((P._clip_offset, 1.0 if AUTOGRAD_BAND_CLOSED else 0.5),
-                        (P._clip_clamp, 1.0 if AUTOGRAD_BAND_CLOSED else 0.75)):
+    for clip, expected in ((P._clip_offset, torch.tensor(offset_edge, dtype=torch.float64)),
+                           (P._clip_clamp, (1.0 if AUTOGRAD_BAND_CLOSED else 0.75) * full),
+                           (P._clip_min_max, torch.tensor(min_max_edge, dtype=torch.float64))):
         clipped = clip(values, old_values, 0.25)
         assert torch.equal(clipped, values.detach())
         (grad,) = torch.autograd.grad(torch.maximum((clipped - returns) ** 2, (values - returns) ** 2).sum(), values)
-        assert torch.equal(grad, share * full), (clip.__name__, grad)
+        assert torch.equal(grad, expected), (clip.__name__, grad)
+    assert torch.equal(torch.tensor(offset_edge), (1.0 if AUTOGRAD_BAND_CLOSED else 0.5) * full)
+    assert torch.equal(torch.tensor(min_max_edge), 0.75 * full)
+
+
+def test_clip_by_value_reference_is_torch_min_then_max():
+    """The reference's clip_by_value and its derivative equal autograd of torch.max(torch.min(x, hi), lo)
+    inside, outside, on each edge and on a zero-width band."""
+    cases = [(0.1, -0.25, 0.25), (0.25, -0.25, 0.25), (-0.25, -0.25, 0.25), (0.5, -0.25, 0.25), (-0.5, -0.25, 0.25),
+             (0.0, 0.0, 0.0), (0.5, 0.0, 0.0)]
+    for x, lo, hi in cases:
+        leaf = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        out = torch.max(torch.min(leaf, torch.tensor(hi, dtype=torch.float64)), torch.tensor(lo, dtype=torch.float64))
+        (grad,) = torch.autograd.grad(out, leaf)
+        assert (out.item(), grad.item()) == clip_by_value(x, lo, hi), (x, lo, hi)
+
+
+def test_verl_gradient_at_exact_band_edges_matches_the_min_max_reference():
+    """Tokens exactly on v = old -/+ eps (representable), inside, outside, on both sides of the return: verl's
+    gradient equals the float64 min-then-max reference; on the edges it is 3/4 of ValueLoss's up to torch
+    2.13 (which passes all of 2 (v - R) there) and 3/2 of it from 2.14 (which passes half); elsewhere equal."""
+    eps = 0.25
+    old = torch.tensor([[1.0, 1.0, -0.5, -0.5, 0.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[1.25, 1.25, -0.75, -0.75, 0.125, 2.5, 1.5, 0.25]], dtype=torch.float64)
+    returns = torch.tensor([[3.0, -1.0, 0.5, -2.0, 1.0, 3.0, 3.0, 0.25]], dtype=torch.float64)
+    mask = torch.ones_like(values)
+    edges = torch.tensor([[on_band_edge(v, o, eps) for v, o in zip(values[0].tolist(), old[0].tolist(), strict=True)]])
+    assert edges.tolist() == [[True, True, True, True, False, False, False, True]]
+    verl = _grad(lambda v: P.verl_value_loss(v, old, returns, mask, clip_eps=eps), values)
+    ours = _grad(lambda v: ValueLoss(eps)(v, old, returns, mask), values)
+    torch.testing.assert_close(verl, grad_loops_min_max(values, old, returns, mask, clip_eps=eps), rtol=1e-15, atol=0)
+    torch.testing.assert_close(ours, grad_loops(values, old, returns, mask, clip_eps=eps), rtol=1e-15, atol=0)
+    factor = 0.75 / (1.0 if AUTOGRAD_BAND_CLOSED else 0.5)
+    torch.testing.assert_close(verl[edges], factor * ours[edges], rtol=1e-15, atol=0)
+    torch.testing.assert_close(verl[~edges], ours[~edges], rtol=1e-15, atol=0)
+    assert verl[0, -1] == 0 == ours[0, -1]  # an edge token at its return has no gradient either way
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_verl_gradient_on_the_bf16_grid_with_clip_half(seed):
+    """Random values on the bfloat16 grid, verl's default clip 0.5: verl's gradient equals the min-then-max
+    reference everywhere, and differs from ValueLoss's exactly on the edge tokens, by the tie rule's factor."""
+    values, old, returns, mask = _bf16_grid_batch(seed)
+    verl = _grad(lambda v: P.verl_value_loss(v, old, returns, mask, clip_eps=0.5), values)
+    ours = _grad(lambda v: ValueLoss(0.5)(v, old, returns, mask), values)
+    torch.testing.assert_close(verl, grad_loops_min_max(values, old, returns, mask, clip_eps=0.5),
+                               rtol=1e-14, atol=0)
+    edges = torch.tensor([[on_band_edge(v, o, 0.5) for v, o in zip(vr, orow, strict=True)]
+                          for vr, orow in zip(values.tolist(), old.tolist(), strict=True)]) & mask
+    live = edges & (values != returns)
+    assert live.sum() > 10
+    factor = 0.75 / (1.0 if AUTOGRAD_BAND_CLOSED else 0.5)
+    torch.testing.assert_close(verl[edges], factor * ours[edges], rtol=1e-14, atol=0)
+    torch.testing.assert_close(verl[~edges], ours[~edges], rtol=1e-14, atol=0)
+    assert not torch.equal(verl[live], ours[live])
+
+
+def test_share_of_bf16_grid_tokens_on_a_band_edge_is_not_zero():
+    """A bf16 critic with verl's default clip 0.5: a few tokens in a thousand sit exactly on a band edge
+    (measured in float32, the clip's own arithmetic, and counted again in float64 by the reference)."""
+    shares = []
+    for seed, scale in ((0, 1.0), (1, 2.0)):
+        values, old, _, _ = _bf16_grid_batch(seed, shape=(1000, 100), scale=scale, dtype=torch.float32)
+        on_edge = (values == old + 0.5) | (values == old - 0.5)
+        counted = sum(on_band_edge(v, o, 0.5) for v, o in zip(values.double().flatten().tolist(),
+                                                               old.double().flatten().tolist(), strict=True))
+        assert int(on_edge.sum()) == counted
+        shares.append(counted / values.numel())
+    assert all(0.001 < share < 0.02 for share in shares), shares
 
 
 def test_tolerance_peers_are_not_all_bitwise():
@@ -255,29 +345,33 @@ def test_run_peers_loss_values_match_references():
     """run_peers reports the peer's loss itself (checked against the plain-Python reference)."""
     values, old, returns, mask = _batch(12, dtype=torch.float64)
     results = {r.name: r for r in P.run_peers(values, old, returns, mask, clip_eps=0.2)}
-    token_mean = ref_masked_mean(values, old, returns, mask, 0.2)
+    token_mean = loss_loops(values, old, returns, mask, clip_eps=0.2)
     for name in ("baselines ppo2", "OpenRLHF", "verl", "TRL", "DeepSpeed-Chat", "CleanRL", "ColossalChat"):
         assert results[name].loss == pytest.approx(token_mean, rel=1e-12), name
-    sb3 = ref_masked_mean(values, old, returns, mask, 0.2, scale=1.0, form="clipped")
+    sb3 = loss_loops(values, old, returns, mask, clip_eps=0.2, variant="clipped", scale=1.0)
     assert results["Stable-Baselines3"].loss == pytest.approx(sb3, rel=1e-12)
 
 
 def test_empty_mask_behaviour():
-    """Empty mask: verl and ValueLoss give 0, every other peer NaN."""
+    """Empty mask: ValueLoss gives 0, every peer NaN (verl too, in its default token-mean)."""
     got = P.empty_mask_behaviour()
-    assert got["ValueLoss"] == "0" and got["verl"] == "0"
-    assert all(got[name] == "nan" for name in P.PEERS if name != "verl")
+    assert got["ValueLoss"] == "0"
+    assert all(got[name] == "nan" for name in P.PEERS)
 
 
 def test_peer_table_is_complete():
-    """Every peer entry names a source and, when only within tolerance, says why."""
+    """Every peer entry names a source and when it was read and, when not exact, says why."""
     assert len(P.PEERS) == 9
     for peer in P.PEERS.values():
-        assert peer.checked == "2026-11-25" and "/" in peer.source
-        assert peer.clip_form in ("offset", "clamp")
-        assert peer.agreement in ("exact", "tolerance")
-        assert (peer.agreement == "tolerance") == bool(peer.why)
+        assert "/" in peer.source
+        assert peer.checked == (f"v{P.VERL_RELEASE}, {P.VERL_CHECKED}" if peer.name == "verl" else P.CHECKED)
+        assert peer.clip_form in ("offset", "clamp", "min-max")
+        assert peer.agreement in ("exact", "tolerance", "edges")
+        assert (peer.agreement != "exact") == bool(peer.why)
+        assert peer.regresses_on in ("returns", "advantages")
         ValueLoss(0.2, **peer.valueloss_settings)  # the settings are valid
+    assert P.PEERS["verl"].clip_form == "min-max" and P.PEERS["verl"].agreement == "edges"
+    assert P.VERL_RELEASE in P.PEERS["verl"].source
 
 
 # --------------------------------------------------------------------------- the bitwise claim

@@ -9,41 +9,39 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from bands import band  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from reference import AUTOGRAD_BAND_CLOSED  # noqa: E402
+from reference import token_grad, token_loss, token_region  # noqa: E402
 
 from valueloss.viz import plotting  # noqa: E402
 
-# --------------------------------------------------------------------------- references (plain numpy)
+# --------------------------------------------------------------------------- the reference, token by token
+
+
+def _per_token(fn, *arrays, **kwargs):
+    """``fn`` of the reference, applied token by token over broadcast arrays (float64 numpy)."""
+    return np.vectorize(lambda v, o, r: fn(float(v), float(o), float(r), **kwargs), otypes=[float])(*arrays)
 
 
 def ref_branches(v, old, ret, eps):
-    """Unclipped, clipped and max per-token squared losses, written out with numpy."""
-    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
-    v_clip = old + np.clip(v - old, -eps, eps)
-    return (v - ret) ** 2, (v_clip - ret) ** 2, np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+    """Unclipped, clipped and max per-token squared losses from the reference."""
+    return (_per_token(token_loss, v, old, ret, clip_eps=None),
+            _per_token(token_loss, v, old, ret, clip_eps=eps, variant="clipped"),
+            _per_token(token_loss, v, old, ret, clip_eps=eps))
 
 
-def ref_grad(v, old, ret, eps):
-    """d max-loss / dv: live branch's slope, 0 for a clipped branch outside the band (closed or open as the
-    installed torch's clamp, :data:`reference.AUTOGRAD_BAND_CLOSED`), ties halved."""
-    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
-    lu, lc, _ = ref_branches(v, old, ret, eps)
-    v_clip = old + np.clip(v - old, -eps, eps)
-    inside = np.abs(v - old) <= eps if AUTOGRAD_BAND_CLOSED else np.abs(v - old) < eps
-    gu = 2 * (v - ret)
-    gc = np.where(inside, 2 * (v_clip - ret), 0.0)
-    return np.where(lu > lc, gu, np.where(lc > lu, gc, 0.5 * (gu + gc)))
+def ref_grad(v, old, ret, eps, band_closed=None):
+    """d max-loss / dv from the reference: the live branch's slope, ties halved, the band's edges closed or open
+    (by default as the installed torch's clamp, :data:`reference.AUTOGRAD_BAND_CLOSED`)."""
+    return _per_token(token_grad, v, old, ret, clip_eps=eps, band_closed=band_closed)
 
 
-def ref_regions(v, old, ret, eps):
-    """0 inside the band (as in :func:`ref_grad`), 1 outside with the clipped branch strictly larger, 2 otherwise."""
-    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
-    lu, lc, _ = ref_branches(v, old, ret, eps)
-    outside = np.abs(v - old) > eps if AUTOGRAD_BAND_CLOSED else np.abs(v - old) >= eps
-    return np.where(outside, np.where(lc > lu, 1, 2), 0)
+def ref_regions(v, old, ret, eps, band_closed=None):
+    """Region codes from the reference: 0 inside the band (as in :func:`ref_grad`), 1 outside with the clipped
+    branch strictly larger, 2 otherwise."""
+    return _per_token(token_region, v, old, ret, clip_eps=eps, band_closed=band_closed).astype(int)
 
 
 def new_ax(ncols=1):
@@ -257,7 +255,7 @@ def test_ax_must_be_an_axes():
 
 
 def test_import_does_not_touch_pyplot():
-    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl, and keeps rcParams."""
+    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl; rcParams stay."""
     code = (
         "import sys, matplotlib\n"
         "def snapshot():\n"
@@ -274,16 +272,19 @@ def test_import_does_not_touch_pyplot():
 @settings(max_examples=40, deadline=None)
 @given(
     old=st.floats(-3, 3), ret=st.floats(-3, 3), eps=st.floats(0, 2), num=st.sampled_from([2, 7, 41]),
+    band_closed=st.booleans(),
 )
-def test_curve_data_matches_reference_for_any_setting(old, ret, eps, num):
-    """loss_curve_data and gradient_curve_data agree with the numpy reference for any old value, return, eps, grid."""
-    loss = plotting.loss_curve_data(old_value=old, return_=ret, clip_eps=eps, num=num)
-    grad = plotting.gradient_curve_data(old_value=old, return_=ret, clip_eps=eps, num=num)
+def test_curve_data_matches_reference_for_any_setting(old, ret, eps, num, band_closed):
+    """loss_curve_data and gradient_curve_data agree with the reference for any old value, return, eps, grid,
+    with the band's edges closed (torch <= 2.13) and open (torch >= 2.14) on any installed torch."""
+    with band(band_closed):
+        loss = plotting.loss_curve_data(old_value=old, return_=ret, clip_eps=eps, num=num)
+        grad = plotting.gradient_curve_data(old_value=old, return_=ret, clip_eps=eps, num=num)
     x = loss["values"]
     lu, lc, lmax = ref_branches(x, old, ret, eps)
     np.testing.assert_allclose(loss["loss_unclipped"], lu, atol=1e-12)
     np.testing.assert_allclose(loss["loss_clipped"], lc, atol=1e-12)
     np.testing.assert_allclose(loss["loss"], lmax, atol=1e-12)
-    np.testing.assert_array_equal(loss["regions"], ref_regions(x, old, ret, eps))
-    np.testing.assert_allclose(grad["grad"], ref_grad(x, old, ret, eps), atol=1e-12)
+    np.testing.assert_array_equal(loss["regions"], ref_regions(x, old, ret, eps, band_closed))
+    np.testing.assert_allclose(grad["grad"], ref_grad(x, old, ret, eps, band_closed), atol=1e-12)
     assert x[0] < min(old - eps, ret) and x[-1] > max(old + eps, ret)  # the default range shows band and return

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from valueloss.batch.report import synthetic_batch  # noqa: E402
+from valueloss.batch import synthetic_batch  # noqa: E402
 from valueloss.viz.upload import batch_upload_explorer  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"

@@ -10,32 +10,29 @@ matplotlib.use("Agg")
 import ipywidgets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from reference import token_grad, token_loss, token_region  # noqa: E402
 
 from valueloss.viz import widgets  # noqa: E402
 
 
+def _per_token(fn, *arrays, **kwargs):
+    """``fn`` of the reference, applied token by token over broadcast arrays (float64 numpy)."""
+    return np.vectorize(lambda v, o, r: fn(float(v), float(o), float(r), **kwargs), otypes=[float])(*arrays)
+
+
 def ref_losses(v, old, ret, eps):
-    """(unclipped, max) per-token squared losses, plain numpy."""
-    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
-    v_clip = old + np.clip(v - old, -eps, eps)
-    return (v - ret) ** 2, np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+    """(unclipped, max) per-token squared losses from the reference."""
+    return _per_token(token_loss, v, old, ret, clip_eps=None), _per_token(token_loss, v, old, ret, clip_eps=eps)
 
 
 def ref_grad(v, old, ret, eps):
-    """d max-loss / dv with a closed band and ties halved, plain numpy."""
-    v, old, ret = np.broadcast_arrays(np.asarray(v, float), np.asarray(old, float), np.asarray(ret, float))
-    v_clip = old + np.clip(v - old, -eps, eps)
-    lu, lc = (v - ret) ** 2, (v_clip - ret) ** 2
-    gu = 2 * (v - ret)
-    gc = np.where(np.abs(v - old) <= eps, 2 * (v_clip - ret), 0.0)
-    return np.where(lu > lc, gu, np.where(lc > lu, gc, 0.5 * (gu + gc)))
+    """d max-loss / dv from the reference: the band's edges as the installed torch's clamp, ties halved."""
+    return _per_token(token_grad, v, old, ret, clip_eps=eps)
 
 
 def ref_regions(v, old, ret, eps):
-    """Region codes: 0 inside, 1 clipped branch strictly larger outside, 2 otherwise."""
-    lu, lmax = ref_losses(v, old, ret, eps)
-    outside = np.abs(np.asarray(v, float) - old) > eps
-    return np.where(outside, np.where(lmax > lu, 1, 2), 0)
+    """Region codes from the reference: 0 inside, 1 clipped branch strictly larger outside, 2 otherwise."""
+    return _per_token(token_region, v, old, ret, clip_eps=eps).astype(int)
 
 
 def controls_description(explorer):

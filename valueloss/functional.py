@@ -11,9 +11,9 @@ Sources of the formulas:
 * clipped value loss with ``max``: OpenAI baselines ``ppo2/model.py`` (2017), OpenRLHF
   ``openrlhf/models/loss.py::ValueLoss``, verl ``verl/trainer/ppo/core_algos.py::compute_value_loss``;
 * MSE of the clipped prediction: Stable-Baselines3 ``stable_baselines3/ppo/ppo.py::PPO.train``;
-* aggregation modes and global counts: verl ``core_algos.py::agg_loss`` (token-mean and the three
-  seq-mean modes; ``token-sum`` is our addition, scaled by ``dp_size`` like the others) and OpenRLHF ``agg_loss``
-  (checked 2026-11-25).
+* aggregation modes and global counts: verl ``core_algos.py::agg_loss`` (its five modes, release 0.9.1,
+  :data:`valueloss.peers.VERL_RELEASE`; verl divides by a count of 0, where we return 0) and OpenRLHF
+  ``agg_loss`` (checked 2026-11-25).
 
 Nothing here synchronises with the host: validation reads only shapes, dtypes and devices, and
 empty masks are handled with ``torch.where`` on safe denominators.
@@ -207,12 +207,11 @@ def _counts(dp_size: object, batch_num_tokens: object, global_batch_size: object
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """Promote the inputs' float dtypes, and accumulate half precision in float32."""
-    dtype = None
-    for t in tensors:
-        if t is not None:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    assert dtype is not None
-    return dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+    dtypes = {t.dtype for t in tensors if t is not None}
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _threshold(value: float, dtype: torch.dtype) -> float:
@@ -305,7 +304,7 @@ def _per_token_inputs(values, old_values, returns, action_mask, config: LossConf
     if config.clip_eps is not None and old_values is None:
         raise ValueError("old_values is required when clip_eps is set; got None")
     dtype = dtype or _compute_dtype(values, old_values, returns)
-    tensors = tuple(None if t is None else t.to(dtype) for t in (values, old_values, returns))
+    tensors = tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (values, old_values, returns))
     clip_eps = None if config.clip_eps is None else _threshold(config.clip_eps, dtype)
     loss_type, huber_delta = config.loss_type, config.huber_delta
     if loss_type == "huber" and huber_delta >= math.sqrt(torch.finfo(dtype).max):
@@ -395,6 +394,15 @@ def _float_mask(action_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return action_mask.to(dtype)
 
 
+def _mask_sum(action_mask: Tensor, dtype: torch.dtype, dim: int | None = None) -> Tensor:
+    """The sum of the mask's weights in ``dtype`` (a bool or integer mask counted exactly in int64 first)."""
+    if action_mask.is_floating_point():
+        mask = action_mask.to(dtype)
+        return mask.sum() if dim is None else mask.sum(dim=dim)
+    count = action_mask.sum() if dim is None else action_mask.sum(dim=dim)
+    return count.to(dtype)
+
+
 def _masked(loss_mat: Tensor, action_mask: Tensor | None) -> Tensor:
     """``loss_mat * mask`` with masked-out entries forced to zero, so NaN/inf there cannot leak."""
     if action_mask is None:
@@ -471,7 +479,7 @@ def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_ba
             batch_num_tokens = (
                 loss_mat.new_tensor(float(loss_mat.numel()))
                 if action_mask is None
-                else _float_mask(action_mask, loss_mat.dtype).sum()
+                else _mask_sum(action_mask, loss_mat.dtype)
             )
         return _mean(total, batch_num_tokens) * float(dp_size)
 
@@ -479,7 +487,7 @@ def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_ba
     if action_mask is None:
         seq_counts = torch.full_like(seq_sums, float(loss_mat.shape[-1]))
     else:
-        seq_counts = _float_mask(action_mask, loss_mat.dtype).sum(dim=-1)
+        seq_counts = _mask_sum(action_mask, loss_mat.dtype, dim=-1)
     nonempty = seq_counts > 0
     if mode == "seq-mean-token-mean":
         seq_losses = seq_sums / _safe_denominator(seq_counts)

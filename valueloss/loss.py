@@ -27,7 +27,7 @@ class ValueLoss(nn.Module):
 
     The per-token losses are reduced over the tokens of ``action_mask`` (weighted by it, if it is a float
     mask) and the result is multiplied by ``scale`` (0.5, as in ppo2 and OpenRLHF). Reductions
-    (``loss_agg_mode``: the four modes of verl's ``agg_loss`` plus ``token-sum``; :math:`m` the mask, :math:`n_s` the
+    (``loss_agg_mode``: the five modes of verl's ``agg_loss``, release 0.9.1; :math:`m` the mask, :math:`n_s` the
     unmasked tokens of sequence :math:`s`):
 
     * ``"token-mean"`` (default, ``token_level_loss=True``): :math:`\sum m\ell / N \cdot dp`;

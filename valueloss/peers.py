@@ -2,30 +2,43 @@
 
 Libraries disagree on what "clipped value loss" means. Each function below is *our own code*
 for one published formula, written from reading the source named in its docstring (repository,
-file, function; all checked on 2026-11-25). They keep each peer's quirks on purpose -- how the
-clipped prediction is formed, the factor 0.5 or not, the reduction, and what an empty mask does
-(most give NaN) -- so that notebook 07 can put them next to each other and next to
-:class:`valueloss.ValueLoss`.
+file, function; checked on 2026-11-25, verl against its release 0.9.1 on 2026-12-03). They keep each
+peer's quirks on purpose -- how the clipped prediction is formed, the factor 0.5 or not, the reduction,
+and what an empty mask does (most give NaN) -- so that notebook 07 can put them next to each other and
+next to :class:`valueloss.ValueLoss`.
 
-Two ways to write the clipped prediction appear, and they are not bitwise the same:
+Three ways to write the clipped prediction appear. They give the same numbers up to the last bit, but
+not the same gradient exactly on a band edge:
 
 * **offset form** ``old + (v - old).clamp(-eps, eps)`` (baselines ppo2, OpenRLHF, SB3, CleanRL,
   ColossalChat, and :mod:`valueloss.functional`): inside the band, ``old + (v - old)`` is rounded
   twice and differs from ``v`` in the last bit for a small share of float32 elements (see
   :func:`offset_clip_mismatch_fraction`);
-* **clamp form** ``clamp(v, old - eps, old + eps)`` (verl, TRL, DeepSpeed-Chat): bitwise ``v``
-  inside the band.
+* **clamp form** ``clamp(v, old - eps, old + eps)`` (TRL, DeepSpeed-Chat): bitwise ``v`` inside the band;
+* **min-max form** ``max(min(v, old + eps), old - eps)`` (verl's ``clip_by_value``): bitwise ``v``
+  inside the band, like the clamp form.
 
-Where the two branches of the ``max`` then differ by one rounding step, the per-token loss and
-the reported clip fraction can differ in the last bits; gradients inside the band are identical
-(both branches pass the same gradient there). Exactly on a band edge, ``|v - old| == eps``, they
-agree up to torch 2.13 (``clamp`` passes the gradient at its bounds) and differ from torch 2.14
-(pytorch/pytorch#184574): there the offset form's number bounds pass none and the clamp form's tensor
-bounds pass half, so where the branches tie (``v_clip == v``) a token gets half of ``2 (v - R)`` from
-the one and three quarters from the other (``tests/test_peers.py`` checks the installed torch).
+Where the two branches of the ``max`` then differ by one rounding step, the per-token loss and the
+reported clip fraction can differ in the last bits; gradients strictly inside the band are identical
+(both branches pass the same gradient there). Exactly on a band edge, ``v == old - eps`` or
+``v == old + eps``, the clipped prediction is ``v`` itself, so the two branches of the ``max`` tie and
+each gets half of ``2 (v - R)``; what the clipped branch passes on is then a convention of the clip op,
+not rounding:
+
+* ``clamp`` with number bounds (the offset form) passes all of it up to torch 2.13 and none from torch
+  2.14 (pytorch/pytorch#184574; :data:`valueloss.functional.BAND_CLOSED` says which the installed torch
+  does), so the token gets all of ``2 (v - R)`` or half of it; ``ValueLoss`` is on this side;
+* ``clamp`` with tensor bounds (the clamp form) passes all of it up to torch 2.13, half from 2.14;
+* ``torch.min`` and ``torch.max`` split the gradient evenly between equal inputs, so the min-max form
+  passes half of it on any torch: an edge token gets three quarters of ``2 (v - R)`` from verl.
+
+With values on the bfloat16 grid and verl's default ``cliprange_value=0.5``, 3 to 8 tokens in a
+thousand sit exactly on an edge in our test batches, and there verl's gradient is 3/4 of ``ValueLoss``'s
+(3/2 of it from torch 2.14); ``tests/test_peers.py`` checks the share and the factor on the installed torch.
 
 :data:`PEERS` is the table that says which :class:`~valueloss.ValueLoss` settings reproduce each
-peer, and whether exactly (bitwise on our test batches) or within floating-point tolerance.
+peer, and whether exactly (bitwise on our test batches), within floating-point tolerance, or within
+tolerance except on band edges.
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ __all__ = [
     "PEERS",
     "Peer",
     "PeerResult",
+    "VERL_CHECKED",
+    "VERL_RELEASE",
     "baselines_ppo2_value_loss",
     "cleanrl_value_loss",
     "colossalchat_value_loss",
@@ -64,7 +79,13 @@ __all__ = [
 ]
 
 CHECKED = "2026-11-25"
-"""Date on which every source cited in this module was read."""
+"""Date on which the sources cited in this module were read (verl's release: :data:`VERL_CHECKED`)."""
+
+VERL_RELEASE = "0.9.1"
+"""The verl release :func:`verl_value_loss` and :func:`verl_agg_loss` follow (the PyPI wheel ``verl-0.9.1``)."""
+
+VERL_CHECKED = "2026-12-03"
+"""Date on which verl's release :data:`VERL_RELEASE` was read."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -88,6 +109,15 @@ def _clip_offset(values: Tensor, old_values: Tensor, clip_eps: float) -> Tensor:
 def _clip_clamp(values: Tensor, old_values: Tensor, clip_eps: float) -> Tensor:
     """The clamp form: ``clamp(v, old - eps, old + eps)`` (bitwise ``v`` inside the band)."""
     return torch.clamp(values, old_values - clip_eps, old_values + clip_eps)
+
+
+def _clip_min_max(values: Tensor, old_values: Tensor, clip_eps: float) -> Tensor:
+    """The min-max form, verl's ``clip_by_value(v, old - eps, old + eps) = max(min(v, old + eps), old - eps)``.
+
+    Bitwise ``v`` inside the band. ``torch.min`` and ``torch.max`` split the gradient evenly between
+    equal inputs, so ``v`` gets half of it on either edge (a quarter when ``eps == 0``).
+    """
+    return torch.max(torch.min(values, old_values + clip_eps), old_values - clip_eps)
 
 
 def _require_eps(clip_eps: object, name: str = "clip_eps") -> float:
@@ -160,44 +190,43 @@ def verl_agg_loss(
     global_batch_size: float | None = None,
     loss_scale_factor: float | None = None,
 ) -> Tensor:
-    """verl's ``agg_loss``: reduce a ``(B, T)`` loss with one of four modes and optional global counts.
+    """verl's ``agg_loss``: reduce a ``(B, T)`` loss with one of five modes and optional global counts.
 
-    Source: ``volcengine/verl``, ``verl/trainer/ppo/core_algos.py``, ``agg_loss`` (the version with
-    ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``), checked
-    2026-11-25. A zero count returns ``0 * loss_mat.sum()`` (so an empty mask gives 0, not NaN);
-    ``seq-mean-token-mean`` divides each row by ``n_s + 1e-8``; a missing global count with
-    ``dp_size > 1`` raises. The checked version knows ``token-mean``, ``seq-mean-token-sum``,
-    ``seq-mean-token-mean`` and ``seq-mean-token-sum-norm``; anything else (including ``token-sum``,
-    which :func:`valueloss.functional.aggregate` adds) raises ``ValueError`` as verl does.
+    Source: ``volcengine/verl`` release 0.9.1, ``verl/trainer/ppo/core_algos.py``, ``agg_loss`` with
+    ``verl/utils/torch_functional.py``, ``masked_sum`` (read 2026-12-03). The five modes are
+    ``token-mean``, ``token-sum``, ``seq-mean-token-sum``, ``seq-mean-token-mean`` and
+    ``seq-mean-token-sum-norm``; anything else raises ``ValueError`` as verl does. ``token-mean``
+    divides the masked sum (masked-out entries replaced by 0 first, so a NaN there stays out) by the
+    token count; ``token-sum`` multiplies the masked sum by ``dp_size``; the ``seq-mean`` modes sum
+    ``loss_mat * loss_mask`` per row, divide by ``n_s + 1e-8`` for ``seq-mean-token-mean``, and average
+    over the rows with at least one token. A missing global count with ``dp_size > 1`` raises. There is
+    no guard for a zero count: an empty mask gives 0/0 = NaN in every mode but ``token-sum`` (0).
     """
-    zero_loss = loss_mat.sum() * 0.0
     mask = loss_mask.to(loss_mat.dtype)
-    if loss_agg_mode == "token-mean":
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        masked_sum = (torch.where(loss_mask.bool(), loss_mat, 0.0) * mask).sum()
+        if loss_agg_mode == "token-sum":
+            return masked_sum * dp_size
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("batch_num_tokens (global) is required when dp_size > 1")
             batch_num_tokens = mask.sum()
-        if float(batch_num_tokens) == 0:
-            return zero_loss
-        return (loss_mat * mask).sum() / batch_num_tokens * dp_size
+        return masked_sum / batch_num_tokens * dp_size
     if loss_agg_mode not in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}")
     row_counts = mask.sum(dim=-1)
+    row_losses = (loss_mat * mask).sum(dim=-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        row_losses = row_losses / (row_counts + 1e-8)
     row_nonempty = (row_counts > 0).to(loss_mat.dtype)
     if global_batch_size is None:
         if dp_size > 1:
             raise ValueError("global_batch_size is required when dp_size > 1")
         global_batch_size = row_nonempty.sum()
-    if float(global_batch_size) == 0:
-        return zero_loss
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        row_losses = (loss_mat * mask).sum(dim=-1)
-        loss = (row_losses * row_nonempty).sum() / global_batch_size * dp_size
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            loss = loss / (loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1])
-        return loss
-    row_losses = (loss_mat * mask).sum(dim=-1) / (row_counts + 1e-8)  # seq-mean-token-mean
-    return (row_losses * row_nonempty).sum() / global_batch_size * dp_size
+    loss = (torch.where(row_nonempty.bool(), row_losses, 0.0) * row_nonempty).sum() / global_batch_size * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1])
+    return loss
 
 
 def verl_value_loss(
@@ -213,18 +242,31 @@ def verl_value_loss(
     global_batch_size: float | None = None,
     loss_scale_factor: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """verl ``compute_value_loss``: clamp form, ``0.5 * agg_loss(max(...))``, and the clip fraction.
+    """verl ``compute_value_loss``: min-max clip, ``0.5 * agg_loss(max(...))``, and the clip fraction.
 
-    Source: ``volcengine/verl``, ``verl/trainer/ppo/core_algos.py``, ``compute_value_loss``
-    (``clip_by_value(vpreds, values - cliprange_value, values + cliprange_value)``,
-    ``vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1))``), checked 2026-11-25.
-    Returns ``(vf_loss, vf_clipfrac)``. The clip fraction compares with a *strict* ``>``: a token
-    counts only where the clipped branch is strictly larger, i.e. where its gradient is zero.
-    verl's ``masked_mean`` adds ``1e-8`` to the denominator, so an empty mask gives 0 for both.
+    Source: ``volcengine/verl`` release 0.9.1 (read 2026-12-03), ``verl/trainer/ppo/core_algos.py``,
+    ``compute_value_loss`` (``vpredclipped = verl_F.clip_by_value(vpreds, values - cliprange_value,
+    values + cliprange_value)``, ``vf_loss = 0.5 * agg_loss(torch.max(vf_losses1, vf_losses2), ...)``,
+    ``vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1))``), and
+    ``verl/utils/torch_functional.py``, ``clip_by_value`` (``torch.max(torch.min(x, tensor_max),
+    tensor_min)``, unchanged from release 0.4.1 to 0.9.1) and ``masked_mean`` (``+ 1e-8`` in the
+    denominator). Returns ``(vf_loss, vf_clipfrac)``; the reduction is :func:`verl_agg_loss`.
+
+    At a band edge, ``values == old_values + clip_eps`` or ``values == old_values - clip_eps`` exactly,
+    the clipped prediction is ``values`` itself, so the two branches of the ``max`` tie and each passes
+    half of ``2 (v - R)``; ``torch.min`` (upper edge) or ``torch.max`` (lower edge) then splits the
+    clipped branch's half again between ``values`` and the bound. Such a token gets 3/4 of ``2 (v - R)``
+    (times the token's weight and 0.5), on any torch. ``ValueLoss`` gives it all of ``2 (v - R)`` up to
+    torch 2.13 and half of it from torch 2.14 (:data:`valueloss.functional.BAND_CLOSED`). Off the edges
+    the two agree up to float rounding.
+
+    The clip fraction compares with a *strict* ``>``: a token counts only where the clipped branch is
+    strictly larger, i.e. where its gradient is zero. An empty mask gives a clip fraction of 0 and a
+    loss of NaN (see :func:`verl_agg_loss`).
     """
     clip_eps = _require_eps(clip_eps)
     _same_shape(values=values, old_values=old_values, returns=returns, response_mask=response_mask)
-    values_clipped = _clip_clamp(values, old_values, clip_eps)
+    values_clipped = _clip_min_max(values, old_values, clip_eps)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (values_clipped - returns) ** 2
     loss_max = torch.max(loss_unclipped, loss_clipped)
@@ -239,7 +281,7 @@ def verl_value_loss(
     )
     mask = response_mask.to(loss_max.dtype)
     clipped = torch.gt(loss_clipped, loss_unclipped).to(loss_max.dtype)
-    vf_clipfrac = (clipped * mask).sum() / (mask.sum() + 1e-8)
+    vf_clipfrac = (torch.where(response_mask.bool(), clipped, 0.0) * mask).sum() / (mask.sum() + 1e-8)
     return vf_loss, vf_clipfrac
 
 
@@ -364,7 +406,8 @@ class Peer:
     source: str
     """Repository, file and function the formula was read from."""
     clip_form: str
-    """``"offset"`` (``old + clamp(v - old)``), ``"clamp"`` (``clamp(v, old - eps, old + eps)``)."""
+    """``"offset"`` (``old + clamp(v - old)``), ``"clamp"`` (``clamp(v, old - eps, old + eps)``) or
+    ``"min-max"`` (``max(min(v, old + eps), old - eps)``)."""
     reduction: str
     """How the per-token losses become a scalar, in words."""
     valueloss_settings: Mapping[str, object]
@@ -373,14 +416,21 @@ class Peer:
     """True for peers without a mask (classic RL): feed them ``values[mask]`` etc. and ``ValueLoss`` no mask."""
     agreement: str
     """``"exact"``: bitwise equal losses and gradients on our test batches; ``"tolerance"``: equal up
-    to float rounding (relative 1e-6 in float32)."""
+    to float rounding (relative 1e-6 in float32); ``"edges"``: within tolerance except for tokens
+    exactly on a band edge, where the gradient differs by the factor ``why`` states."""
     why: str
-    """Why the agreement is only within tolerance (empty for exact peers)."""
+    """Why the agreement is not exact (empty for exact peers)."""
     empty_mask: str
     """What the peer returns when no token is unmasked."""
     checked: str = CHECKED
+    """When the source was read (and which release, where it is pinned to one)."""
     extra: Mapping[str, object] = field(default_factory=dict)
     """Keyword arguments the peer's own function needs besides the clip range (e.g. its mode)."""
+    clip_keyword: str = "clip_eps"
+    """The name of the clip range among the peer function's keyword arguments."""
+    regresses_on: str = "returns"
+    """``"returns"``, or ``"advantages"`` for a peer that takes ``returns - old_values`` and adds
+    ``old_values`` back itself (the returns it regresses on are then not bitwise the original ones)."""
 
 
 def _peer(**kwargs) -> Peer:
@@ -431,15 +481,18 @@ PEERS: Mapping[str, Peer] = MappingProxyType(
         "verl": _peer(
             name="verl",
             function=verl_value_loss,
-            source="volcengine/verl verl/trainer/ppo/core_algos.py compute_value_loss + agg_loss",
-            clip_form="clamp",
-            reduction="0.5 * agg_loss(mode, 4 modes) with optional global counts; also returns vf_clipfrac (strict >)",
+            source=f"volcengine/verl v{VERL_RELEASE} verl/trainer/ppo/core_algos.py compute_value_loss + agg_loss "
+            "(+ verl/utils/torch_functional.py clip_by_value)",
+            clip_form="min-max",
+            reduction="0.5 * agg_loss(mode, 5 modes) with optional global counts; also returns vf_clipfrac (strict >)",
             valueloss_settings={"loss_agg_mode": "token-mean"},
             flat=False,
-            agreement="tolerance",
-            why="clamp form: where the offset form is off by one ulp inside the band, max() picks a "
-            "value one rounding step away; seq-mean-token-mean adds 1e-8 to each row count",
-            empty_mask="0 (agg_loss returns 0 * loss_mat.sum() for a zero count)",
+            agreement="edges",
+            why="min-max form: on a band edge torch.min/max split the gradient, so an edge token gets 3/4 of "
+            "2 (v - R) where ValueLoss passes all of it (torch <= 2.13) or half (torch >= 2.14); elsewhere "
+            "the offset form's one-ulp misses inside the band, and 1e-8 on each row count in seq-mean-token-mean",
+            empty_mask="NaN (0/0 in agg_loss; only token-sum gives 0)",
+            checked=f"v{VERL_RELEASE}, {VERL_CHECKED}",
         ),
         "TRL": _peer(
             name="TRL",
@@ -476,6 +529,7 @@ PEERS: Mapping[str, Peer] = MappingProxyType(
             agreement="exact",
             why="",
             empty_mask="NaN (mean of an empty tensor)",
+            clip_keyword="clip_range_vf",
         ),
         "CleanRL": _peer(
             name="CleanRL",
@@ -501,6 +555,7 @@ PEERS: Mapping[str, Peer] = MappingProxyType(
             why="returns are rebuilt from advantages (advantages + old_values is not bitwise returns) "
             "and each token is divided by the count before the sum",
             empty_mask="NaN (x / 0 * 0)",
+            regresses_on="advantages",
         ),
     }
 )
@@ -508,29 +563,26 @@ PEERS: Mapping[str, Peer] = MappingProxyType(
 
 
 def _call_peer(peer: Peer, values, old_values, returns, action_mask, clip_eps) -> Tensor:
-    """Call a peer's function with its own argument names; returns the scalar loss."""
-    fn = peer.function
+    """Call a peer's function the way its record says (flat or masked, its clip keyword, returns or
+    advantages); returns the scalar loss (the first element where the peer returns more)."""
     if peer.flat:
         keep = action_mask.bool() if action_mask is not None else torch.ones_like(values, dtype=torch.bool)
         values, old_values, returns = values[keep], old_values[keep], returns[keep]
-        if fn is sb3_value_loss:
-            return fn(values, old_values, returns, clip_range_vf=clip_eps)
-        return fn(values, old_values, returns, clip_eps=clip_eps, **peer.extra)
-    if action_mask is None:
-        action_mask = torch.ones_like(values)
-    if fn is colossalchat_value_loss:
-        return fn(values, old_values, returns - old_values, action_mask, clip_eps=clip_eps)
-    out = fn(values, old_values, returns, action_mask, clip_eps=clip_eps, **peer.extra)
+        masks = ()
+    else:
+        masks = (action_mask if action_mask is not None else torch.ones_like(values),)
+    targets = returns - old_values if peer.regresses_on == "advantages" else returns
+    out = peer.function(values, old_values, targets, *masks, **{peer.clip_keyword: clip_eps}, **peer.extra)
     return out[0] if isinstance(out, tuple) else out
 
 
 def _reproduce(peer: Peer, values, old_values, returns, action_mask, clip_eps) -> Tensor:
     loss_fn = ValueLoss(clip_eps, **peer.valueloss_settings)
+    if peer.regresses_on == "advantages":
+        returns = (returns - old_values) + old_values  # the returns such a peer actually regresses on
     if peer.flat:
         keep = action_mask.bool() if action_mask is not None else torch.ones_like(values, dtype=torch.bool)
         return loss_fn(values[keep], old_values[keep], returns[keep])
-    if peer.function is colossalchat_value_loss:
-        returns = (returns - old_values) + old_values  # the returns ColossalChat actually regresses on
     return loss_fn(values, old_values, returns, action_mask)
 
 

@@ -1,6 +1,9 @@
 """The ``valueloss`` command line: ``valueloss inspect BATCH`` reports what clipping does to a saved batch.
 
-Exit codes: 0 success, 2 bad arguments or a file that is not a valid batch (the message says why).
+Exit codes: 0 success, 2 bad arguments, a file that is not a valid batch or a figure that cannot be
+written (one line on stderr says why; never a traceback). ``--plot`` draws with
+:func:`valueloss.viz.batch_plot.plot_report`, imported only then: it needs matplotlib (the ``[notebooks]``
+extra), which nothing else here does.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ import argparse
 import json
 import sys
 
-from .report import AGGREGATION_MODES
+from ..functional import AGGREGATION_MODES
+from .io import BatchError, load_batch
+from .report import format_report, inspect_batch
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +36,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1]; got {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1]; got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}")
     return value
 
 
@@ -58,34 +73,56 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="clip fractions that bound the suggested clip_eps range (default: 0.05 0.15)",
     )
-    inspect.add_argument("--top", type=int, default=8, help="sequences listed in the breakdown (default: 8)")
+    inspect.add_argument("--top", type=_count, default=8, help="sequences listed in the breakdown (default: 8)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     inspect.add_argument("--plot", metavar="OUT.png", help="also write a PNG figure of the report")
     return parser
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from .report import BatchError, format_report, inspect_batch, load_batch, plot_report
+def _error(message: str) -> int:
+    """Print the one-line error of ``valueloss inspect`` and return its exit code, 2."""
+    print(f"valueloss inspect: error: {' '.join(message.splitlines())}", file=sys.stderr)
+    return 2
 
+
+def _plot_report():
+    """:func:`valueloss.viz.batch_plot.plot_report`, or None without matplotlib.
+
+    The one place where the batch package reaches up into viz: a command line sits above both layers,
+    and importing here (only for ``--plot``) keeps ``import valueloss.batch`` free of matplotlib.
+    """
+    try:
+        from ..viz.batch_plot import plot_report
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "matplotlib":
+            raise
+        return None
+    return plot_report
+
+
+def _inspect(args: argparse.Namespace) -> int:
     low, high = args.target_clip_fraction
     if low > high:
-        print(f"valueloss inspect: error: --target-clip-fraction LOW must be <= HIGH; got {low} {high}",
-              file=sys.stderr)
-        return 2
+        return _error(f"--target-clip-fraction LOW must be <= HIGH; got {low} {high}")
+    plot_report = _plot_report() if args.plot else None
+    if args.plot and plot_report is None:
+        return _error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
     try:
         batch = load_batch(args.batch)
-    except BatchError as error:
-        print(f"valueloss inspect: error: {error}", file=sys.stderr)
-        return 2
-    report = inspect_batch(batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
+        report = inspect_batch(batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
+    except (BatchError, ValueError) as error:
+        return _error(str(error))
+    if plot_report is not None:
+        try:
+            plot_report(report, args.plot)
+        except (OSError, ValueError) as error:  # a missing folder, no permission, a suffix matplotlib cannot write
+            return _error(f"--plot could not write {args.plot} ({type(error).__name__}: {error})")
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(format_report(report, top=args.top))
-    if args.plot:
-        plot_report(report, args.plot)
-        if not args.json:
-            print(f"\n  figure      written to {args.plot}")
+    if args.plot and not args.json:
+        print(f"\n  figure      written to {args.plot}")
     return 0
 
 

@@ -3,10 +3,12 @@
 In PPO the critic is fitted to a batch of returns for a few epochs, after which the batch is replaced and the
 old values are refreshed. Here the inputs and targets are fixed, so the only thing that changes between
 iterations is ``old_values``: the clip band ``|values - old_values| <= clip_eps`` of :class:`valueloss.ValueLoss`
-limits how far each prediction can move towards its target in one iteration. Because ``clip_eps`` is in the
-units of the returns, a fixed ``clip_eps = 0.2`` is loose for returns of spread 1 and a straitjacket for returns
-of spread 100 (Andrychowicz et al. 2021, "What matters in on-policy RL?", decision C13; Stable-Baselines3
-documents ``clip_range_vf`` as "depends on the reward scaling"). Notebook 05 measures it.
+removes a sample's own pull once its prediction has moved past the band towards its target. (It does not bound
+how far the prediction moves: the network's shared weights and the optimiser's step size carry predictions far
+past the band, see :mod:`valueloss.lessons.escape`.) Because ``clip_eps`` is in the units of the returns, a
+fixed ``clip_eps = 0.2`` is loose for returns of spread 1 and a heavy brake for returns of spread 100
+(Andrychowicz et al. 2021, "What matters in on-policy RL?", decision C13; Stable-Baselines3 documents
+``clip_range_vf`` as "depends on the reward scaling"). Notebook 05 measures it.
 
 The targets are ``scale * z`` with ``z`` a fixed smooth random function of Gaussian inputs, standardised to
 mean 0 and standard deviation 1, so that ``scale`` is exactly the spread of the returns.
@@ -91,25 +93,35 @@ def make_toy_problem(num_samples: int, input_dim: int, seed: int) -> tuple[torch
     return inputs, (targets - targets.mean()) / targets.std(correction=0)
 
 
-def run_toy_critic(config: ToyCriticConfig = ToyCriticConfig()) -> dict[str, np.ndarray]:
+def run_toy_critic(config: ToyCriticConfig = ToyCriticConfig(), *,
+                   keep_values: bool = False) -> dict[str, np.ndarray]:
     """Fit the toy critic; return per-iteration curves (index 0 = before training).
 
     Each iteration: ``old_values`` = the critic's current predictions; ``update_epochs`` passes of minibatch
     Adam on ``ValueLoss(clip_eps)(values, old_values, returns)``; then the diagnostics of the whole batch.
+
+    Args:
+        config: the settings.
+        keep_values: also return every sample's prediction after each iteration (see Returns), so that a
+            caller can see how far each prediction moved; off by default (it adds ``num_iterations + 1``
+            rows of ``num_samples`` numbers).
 
     Returns:
         ``relative_error``: ``||values - returns|| / ||returns - mean(returns)||`` (0 = perfect, 1 = as good as
         predicting the mean), ``explained_variance``, and ``clip_fraction``: after the iteration's updates, the
         share of samples whose value gradient is zero because of clipping (from :func:`valueloss.diagnose`;
         0 at index 0). Arrays of length ``num_iterations + 1``, float64.
+        With ``keep_values=True`` also ``values``: ``(num_iterations + 1, num_samples)``, the predictions in
+        the units of the returns after each iteration (row 0 = before training; row ``k - 1`` holds the old
+        values of iteration ``k``), and ``returns``: ``(num_samples,)``. Both float64.
     """
     if not isinstance(config, ToyCriticConfig):
         raise TypeError(f"config must be a ToyCriticConfig; got {type(config).__name__}")
     with single_thread():  # the same digits on every machine
-        return _fit(config)
+        return _fit(config, keep_values=bool(keep_values))
 
 
-def _fit(config: ToyCriticConfig) -> dict[str, np.ndarray]:
+def _fit(config: ToyCriticConfig, *, keep_values: bool = False) -> dict[str, np.ndarray]:
     inputs, unit_targets = make_toy_problem(config.num_samples, config.input_dim, config.seed)
     returns = unit_targets * config.scale
     train_scale = config.scale if config.normalize_returns else 1.0  # critic units -> return units
@@ -138,7 +150,10 @@ def _fit(config: ToyCriticConfig) -> dict[str, np.ndarray]:
         curves["relative_error"].append(error.item())
         curves["explained_variance"].append(stats.explained_variance.item())
         curves["clip_fraction"].append(stats.clip_fraction.item())
+        if keep_values:
+            kept_values.append(values_in_return_units.double().numpy())
 
+    kept_values: list[np.ndarray] = []
     curves: dict[str, list[float]] = {"relative_error": [], "explained_variance": [], "clip_fraction": []}
     values = predict()
     record(values, values)
@@ -154,7 +169,11 @@ def _fit(config: ToyCriticConfig) -> dict[str, np.ndarray]:
                 optimizer.step()
         values = predict()
         record(values, old_values)
-    return {key: np.asarray(curve) for key, curve in curves.items()}
+    result = {key: np.asarray(curve) for key, curve in curves.items()}
+    if keep_values:
+        result["values"] = np.stack(kept_values)
+        result["returns"] = returns.double().numpy()
+    return result
 
 
 def iterations_to_reach(relative_error, threshold: float = 0.05) -> int | None:

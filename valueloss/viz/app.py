@@ -44,8 +44,8 @@ _NOTES = {
         "Inside the shaded trust band |v &minus; v<sub>old</sub>| &le; &epsilon; the clipped and unclipped "
         "losses agree. Outside it, where the clipped prediction is farther from the return than v itself, "
         "the max picks the clipped branch, which no longer depends on v: the gradient is exactly zero "
-        "(thick vermillion stretch). Within one PPO iteration the critic cannot move more than &epsilon; "
-        "from its old prediction towards the return.",
+        "(thick vermillion stretch): the token's own pull stops there. Its prediction can still move, through "
+        "the weights it shares with other tokens and by the size of a step (notebook 03).",
     ),
     "surface": (
         "The loss over every old value and return at once",

@@ -830,8 +830,9 @@ def descent_trajectories(
 ) -> Axes:
     """Gradient descent on one predicted value, with and without clipping (:func:`valueloss.viz.dynamics.simulate_descent`).
 
-    The clipped run moves towards the return until it reaches the band edge ``v_old + clip_eps``,
-    then stalls (zero gradient) until the old value is refreshed every ``refresh_every`` steps. The
+    The clipped run moves towards the return until it passes the band edge ``v_old + clip_eps`` (a step may
+    overshoot it), then gets no gradient until the old value is refreshed every ``refresh_every`` steps. One
+    value alone; a network's predictions keep moving through shared weights (:mod:`valueloss.lessons.escape`). The
     shaded staircase is the band around the old value.
 
     Gids: ``valueloss.descent.{unclipped,clipped,old_value,return}``.

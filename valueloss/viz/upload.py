@@ -1,9 +1,9 @@
 """A JupyterLab explorer for your own batch: upload a file, move ``clip_eps``, read the report.
 
-The widget code only wires controls to :mod:`valueloss.batch.report` (which does all the work); the
-figure is rendered to a PNG (matplotlib's Agg canvas) so it shows the same in JupyterLab, in
-Voila and in exported HTML. ipywidgets and matplotlib are imported here, never by ``import
-valueloss``.
+The widget code only wires controls to :mod:`valueloss.batch` (which does all the work) and
+:func:`valueloss.viz.batch_plot.plot_report`; the figure is rendered to a PNG (matplotlib's Agg canvas)
+so it shows the same in JupyterLab, in Voila and in exported HTML. ipywidgets and matplotlib are
+imported here, never by ``import valueloss``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import io
 import os
 
-from ..batch.report import (
-    AGGREGATION_MODES,
+from ..batch import (
     Batch,
     BatchError,
     InspectReport,
@@ -20,9 +19,10 @@ from ..batch.report import (
     inspect_batch,
     load_batch,
     load_batch_bytes,
-    plot_report,
     synthetic_batch,
 )
+from ..functional import AGGREGATION_MODES
+from .batch_plot import plot_report
 
 __all__ = ["BatchUploadExplorer", "batch_upload_explorer"]
 
