@@ -10,16 +10,17 @@ same aggregation. Each token is read once; nothing of the input's size is kept f
 gradient itself.
 
 Settings. Every number (``clip_eps``, ``huber_delta``, ``scale``, ``dp_size``, the
-``seq-mean-token-sum-norm`` divisor, a count given as a number, the token count of an absent mask)
-enters the compiled graph as one small tensor built afresh on every call, so no two settings can share
-a tensor and no graph is specialised on a value: annealing ``clip_eps`` or ``scale`` compiles nothing.
-A count given as a tensor is passed as it is (never read on the host). The strings (``variant``,
-``loss_type``, ``mode``), the mask's kind (none, bool, or weights: integer or float), which count is
-given and how, and whether a gradient is needed pick the graph: each such configuration has its own
-compiled function (at most a few hundred exist, so the cache is bounded; dynamo keeps its graphs and
-its limit of :attr:`torch.compiler.config.recompile_limit` per code object, so each configuration
-gets its own copy of the graph function's code). Within one, new shapes do not recompile, except that
-dynamo specialises sizes 0 and 1; guards are dynamo's own, evaluated on every call.
+``seq-mean-token-sum-norm`` divisor, the count the mode divides by if it is given, the token count of an
+absent mask) enters the compiled graph in one small tensor built afresh on every call, so no two settings
+can share a tensor and no graph is specialised on a value: annealing ``clip_eps`` or ``scale`` compiles
+nothing. A count given as a tensor is joined to it on the device (never read on the host). The strings
+(``variant``, ``loss_type``, ``mode``), whether clipping is on, the mask's kind (none, bool, or weights:
+integer or float), whether the count is given and whether a gradient is needed pick the graph: each such
+configuration has its own compiled function, so the cache is bounded (by a few hundred; dynamo keeps its
+graphs, and its :attr:`torch.compiler.config.recompile_limit`, per code object, so each configuration
+gets its own copy of the function's code). Within one configuration new shapes do not recompile, except
+that dynamo specialises sizes 0 and 1 (empty inputs run uncompiled); guards are dynamo's own, evaluated on
+every call.
 
 Exactness. For ``loss.backward()`` (an incoming gradient of 1) the gradient equals autograd's of
 :func:`valueloss.functional.value_loss`: the graph applies the aggregation's factors in the order
@@ -29,9 +30,9 @@ half gradients and the closed form halves their sum: the last bit may differ the
 incoming gradient ``g`` the saved gradient is multiplied by ``g`` (no host synchronisation: ``g`` is
 never read on the host), which rounds once more than autograd (within 2 ulp in float32; in half
 precision the gradient is stored in the input's dtype, so within one ulp of it). The loss is summed in
-a different order than ATen's ``sum``: within a few ulp. Float-mask sums (the means' denominators) are
-taken by ATen outside the graph, as the eager path takes them; bool masks are counted exactly in
-integers inside it (the eager path's float sum is exact below 2**24 tokens).
+a different order than ATen's ``sum``: within a few ulp. The means' denominators are the eager path's to
+the last bit: an integer or float mask is summed outside the graph by the eager path's own function, and a
+bool mask is counted exactly, in integers, inside it (as the eager path counts it).
 
 Limits. Only ``values`` is differentiated (``ValueError`` if another input requires a gradient). There
 is no second derivative: backward with ``create_graph=True`` raises a ``RuntimeError`` naming the fused
@@ -344,9 +345,9 @@ def fused_value_loss(
     mask_kind = _mask_kind(action_mask)
     mask_sums = None
     if mask_kind == "weights" and (per_sequence or (mode == "token-mean" and count is None)):
-        # a weight mask's sums, by ATen as in the eager path (the same numbers, to the last bit)
-        weights = action_mask.to(dtype)
-        mask_sums = weights.sum(dim=-1, keepdim=True) if per_sequence else weights.sum()
+        # an integer or float mask's sums, by the eager path's own function (the same numbers, to the last bit)
+        mask_sums = F._mask_sum(action_mask, dtype, dim=-1).unsqueeze(-1) if per_sequence else (
+            F._mask_sum(action_mask, dtype))
     want_grad = values.requires_grad and torch.is_grad_enabled()
     plan = _Plan(variant, loss_type, clip_eps is not None, mode, mask_kind, count is not None,
                  torch.int32 if values.numel() <= torch.iinfo(torch.int32).max else torch.int64, want_grad,
