@@ -315,10 +315,13 @@ def fused_value_loss(
         >>> round(loss.item(), 4), values.grad
         (0.6725, tensor([[0.0000, 0.5000, 0.0000]]))
     """
+    # (_prepare also casts half-precision inputs to float32; the graph casts them itself, so those copies go)
     config, counts, values_c, _, _, per_token = F._prepare(
         values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens, global_batch_size,
         "fused_value_loss",
     )
+    dtype, device = values_c.dtype, values.device
+    del values_c
     for name, t in (("old_values", old_values), ("returns", returns), ("action_mask", action_mask)):
         if t is not None and t.requires_grad:
             raise ValueError(
@@ -328,7 +331,6 @@ def fused_value_loss(
     if _is_compiling():  # inside the caller's own torch.compile region: let that compiler fuse the eager formula
         return F.value_loss(values, old_values, returns, action_mask, config, dp_size=dp_size,
                             batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-    dtype, device = values_c.dtype, values.device
     clip_eps, variant, loss_type, huber_delta = per_token
     mode = config.mode
     per_sequence = mode.startswith("seq-mean")
