@@ -315,13 +315,11 @@ def fused_value_loss(
         >>> round(loss.item(), 4), values.grad
         (0.6725, tensor([[0.0000, 0.5000, 0.0000]]))
     """
-    # (_prepare also casts half-precision inputs to float32; the graph casts them itself, so those copies go)
-    config, counts, values_c, _, _, per_token = F._prepare(
+    config, counts, *_, per_token = F._prepare(  # no casts: the graph casts half precision itself
         values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens, global_batch_size,
-        "fused_value_loss",
+        "fused_value_loss", cast=False,
     )
-    dtype, device = values_c.dtype, values.device
-    del values_c
+    dtype, device = F._compute_dtype(values, old_values, returns), values.device
     for name, t in (("old_values", old_values), ("returns", returns), ("action_mask", action_mask)):
         if t is not None and t.requires_grad:
             raise ValueError(
