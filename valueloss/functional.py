@@ -297,14 +297,16 @@ def _regions(values: Tensor, old_values: Tensor | None, returns: Tensor, clip_ep
     return torch.where(outside, region, torch.zeros_like(region))
 
 
-def _per_token_inputs(values, old_values, returns, action_mask, config: LossConfig, dtype=None) -> tuple:
-    """Check the tensors against ``config``, cast them to the compute dtype, and cap the thresholds to it:
-    ``(values, old_values, returns, (clip_eps, variant, loss_type, huber_delta))``."""
+def _per_token_inputs(values, old_values, returns, action_mask, config: LossConfig, cast: bool = True) -> tuple:
+    """Check the tensors against ``config``, cast them to the compute dtype (unless ``cast`` is False), and cap
+    the thresholds to it: ``(values, old_values, returns, (clip_eps, variant, loss_type, huber_delta))``."""
     check_inputs(values, old_values, returns, action_mask)
     if config.clip_eps is not None and old_values is None:
         raise ValueError("old_values is required when clip_eps is set; got None")
-    dtype = dtype or _compute_dtype(values, old_values, returns)
-    tensors = tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (values, old_values, returns))
+    dtype = _compute_dtype(values, old_values, returns)
+    tensors = (values, old_values, returns)
+    if cast:
+        tensors = tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
     clip_eps = None if config.clip_eps is None else _threshold(config.clip_eps, dtype)
     loss_type, huber_delta = config.loss_type, config.huber_delta
     if loss_type == "huber" and huber_delta >= math.sqrt(torch.finfo(dtype).max):
@@ -403,13 +405,19 @@ def _mask_sum(action_mask: Tensor, dtype: torch.dtype, dim: int | None = None) -
     return count.to(dtype)
 
 
-def _masked(loss_mat: Tensor, action_mask: Tensor | None) -> Tensor:
+def _keep(action_mask: Tensor | None) -> Tensor | None:
+    """The tokens that count, as a bool tensor (the mask itself if it is one)."""
+    if action_mask is None or action_mask.dtype == torch.bool:
+        return action_mask
+    return action_mask != 0
+
+
+def _masked(loss_mat: Tensor, action_mask: Tensor | None, keep: Tensor | None) -> Tensor:
     """``loss_mat * mask`` with masked-out entries forced to zero, so NaN/inf there cannot leak."""
     if action_mask is None:
         return loss_mat
-    if action_mask.dtype == torch.bool:
-        return torch.where(action_mask, loss_mat, 0.0)
-    return torch.where(action_mask != 0, loss_mat, 0.0) * action_mask.to(loss_mat.dtype)
+    masked = torch.where(keep, loss_mat, 0.0)
+    return masked if action_mask.dtype == torch.bool else masked * action_mask.to(loss_mat.dtype)
 
 
 def _check_mask(loss_mat: object, action_mask: object, name: str = "loss_mat") -> None:
@@ -440,8 +448,8 @@ def aggregate(
 ) -> Tensor:
     """Reduce a per-token loss ``(..., T)`` to a scalar, following verl's ``agg_loss`` contract.
 
-    With ``m`` the mask (all ones when None; a float mask weighs each token, a bool or integer mask
-    selects), ``L`` the loss, ``n_s = sum_t m[s, t]``:
+    With ``m`` the mask (all ones when None; a bool mask selects, an integer or float mask weighs each
+    token by its value), ``L`` the loss, ``n_s = sum_t m[s, t]``:
 
     * ``token-mean``: ``sum(m * L) / N * dp_size`` with ``N = batch_num_tokens`` (default ``sum(m)``);
     * ``token-sum``: ``sum(m * L) * dp_size``;
@@ -467,21 +475,24 @@ def _count_as(count: Count, dtype: torch.dtype) -> Count:
     return count.to(dtype) if isinstance(count, Tensor) else count
 
 
-def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+def _aggregate(loss_mat, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor,
+               keep=None):
+    """The reduction; ``keep`` is :func:`_keep` of the mask, if the caller has it already."""
     batch_num_tokens = _count_as(batch_num_tokens, loss_mat.dtype)
     global_batch_size = _count_as(global_batch_size, loss_mat.dtype)
-    masked = _masked(loss_mat, action_mask)
+    masked = _masked(loss_mat, action_mask, _keep(action_mask) if keep is None else keep)
     if mode in ("token-mean", "token-sum"):
         total = masked.sum()
         if mode == "token-sum":
             return total * float(dp_size)
-        if batch_num_tokens is None:
-            batch_num_tokens = (
-                loss_mat.new_tensor(float(loss_mat.numel()))
-                if action_mask is None
-                else _mask_sum(action_mask, loss_mat.dtype)
-            )
-        return _mean(total, batch_num_tokens) * float(dp_size)
+        if batch_num_tokens is not None:
+            return _mean(total, batch_num_tokens) * float(dp_size)
+        if action_mask is None:
+            return total / max(loss_mat.numel(), 1) * float(dp_size)
+        if action_mask.dtype == torch.bool:  # a count of selected tokens: 0 only where every token, so the
+            # total, is masked out, and then 0 / 1 is the 0 a count of 0 gives
+            return total / _mask_sum(action_mask, loss_mat.dtype).clamp(min=1) * float(dp_size)
+        return _mean(total, _mask_sum(action_mask, loss_mat.dtype)) * float(dp_size)
 
     seq_sums = masked.sum(dim=-1)
     if action_mask is None:
@@ -556,11 +567,13 @@ def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_siz
 
 
 def _prepare(values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens,
-             global_batch_size, caller: str):
+             global_batch_size, caller: str, cast: bool = True):
     """Check everything at the entry point: ``(config, counts, values, old_values, returns, per-token settings)``
-    with the tensors in the compute dtype."""
+    with the tensors in the compute dtype (as given if ``cast`` is False: the fused graph casts them itself)."""
     config = _config(config, settings, caller)
-    values, old_values, returns, per_token = _per_token_inputs(values, old_values, returns, action_mask, config)
+    values, old_values, returns, per_token = _per_token_inputs(
+        values, old_values, returns, action_mask, config, cast=cast
+    )
     counts = _counts(dp_size, batch_num_tokens, global_batch_size, config.mode, values.device)
     return config, counts, values, old_values, returns, per_token
 
@@ -570,7 +583,7 @@ def _aggregation(config: LossConfig, counts: _Counts) -> tuple:
     return config.mode, *counts, config.loss_scale_factor
 
 
-def _zero_masked_differentiated(tensors: tuple, action_mask: Tensor | None) -> tuple:
+def _zero_masked_differentiated(tensors: tuple, keep: Tensor | None) -> tuple:
     """``tensors`` with the masked-out tokens zeroed in those that autograd will differentiate.
 
     Masking only the loss would still send 0 * NaN = NaN back through the square to their gradients.
@@ -578,9 +591,8 @@ def _zero_masked_differentiated(tensors: tuple, action_mask: Tensor | None) -> t
     included), and the loss itself is masked by a where as well, so inputs without a gradient need no copy.
     """
     differentiated = [t is not None and t.requires_grad for t in tensors]
-    if action_mask is None or not torch.is_grad_enabled() or not any(differentiated):
+    if keep is None or not torch.is_grad_enabled() or not any(differentiated):
         return tensors
-    keep = action_mask if action_mask.dtype == torch.bool else action_mask != 0
     return tuple(torch.where(keep, t, 0.0) if grad else t for t, grad in zip(tensors, differentiated))
 
 
@@ -612,8 +624,9 @@ def value_loss(
         values, old_values, returns, action_mask, config, settings, dp_size, batch_num_tokens, global_batch_size,
         "value_loss",
     )
-    loss_mat = _elementwise(*_zero_masked_differentiated(tuple(tensors), action_mask), *per_token)
-    return config.scale * _aggregate(loss_mat, action_mask, *_aggregation(config, counts))
+    keep = _keep(action_mask)  # once: a float mask's comparison is a tensor of the batch's size
+    loss_mat = _elementwise(*_zero_masked_differentiated(tuple(tensors), keep), *per_token)
+    return config.scale * _aggregate(loss_mat, action_mask, *_aggregation(config, counts), keep=keep)
 
 
 def value_loss_grad(

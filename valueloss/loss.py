@@ -25,8 +25,8 @@ class ValueLoss(nn.Module):
     ``clip_eps=None``, :math:`\ell = (v - R)^2`. ``loss_type="huber"`` replaces each :math:`e^2` by
     :math:`2\,\mathrm{huber}_\delta(e)`, so that after the factor 0.5 it is the usual Huber loss.
 
-    The per-token losses are reduced over the tokens of ``action_mask`` (weighted by it, if it is a float
-    mask) and the result is multiplied by ``scale`` (0.5, as in ppo2 and OpenRLHF). Reductions
+    The per-token losses are reduced over the tokens of ``action_mask`` (weighted by it, if it is an integer
+    or float mask) and the result is multiplied by ``scale`` (0.5, as in ppo2 and OpenRLHF). Reductions
     (``loss_agg_mode``: the five modes of verl's ``agg_loss``, release 0.9.1; :math:`m` the mask, :math:`n_s` the
     unmasked tokens of sequence :math:`s`):
 
@@ -71,9 +71,9 @@ class ValueLoss(nn.Module):
         - values: ``(B, T)`` or any ``(..., T)``; new critic predictions (the only input with a gradient).
         - old_values: same shape; the critic's predictions when the batch was collected.
         - returns: same shape; the regression targets (e.g. GAE returns).
-        - action_mask: same shape, or ``None`` (every token counts). A bool or integer mask selects the tokens
-          where it is non-zero; a float mask weighs each token's loss by its value (the means divide by the
-          sum of the weights), as OpenRLHF's ``masked_mean`` does.
+        - action_mask: same shape, or ``None`` (every token counts). A bool mask selects the tokens where it is
+          True; an integer or float mask weighs each token's loss by its value (the means divide by the sum of
+          the weights; a 0/1 mask therefore selects), as OpenRLHF's ``masked_mean`` does.
         - output: scalar, float32 for half-precision inputs, else the inputs' dtype.
 
     Forward args ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` follow OpenRLHF; the
