@@ -175,6 +175,21 @@ def test_readme_quick_start_runs():
     assert loss.ndim == 0 and loss.isfinite() and values.grad is not None and values.grad.abs().sum() > 0
 
 
+def test_readme_drop_in_table_is_valueloss_peers_table():
+    """The README's drop-in table has one row per valueloss.peers.PEERS entry, with its settings and agreement."""
+    from valueloss.peers import PEERS
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Drop-in replacement", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Peer ")]
+    expected = []
+    for peer in PEERS.values():
+        settings = ", ".join(f"{key}={value!r}" for key, value in peer.valueloss_settings.items())
+        settings = f"`{settings}`" if settings else "defaults"
+        expected.append(f"| {peer.name} | {settings}{' on `values[mask]`' if peer.flat else ''} | {peer.agreement} |")
+    assert rows == expected
+
+
 def test_packaging_files_exist():
     """The package is typed (py.typed shipped) and licensed."""
     assert (ROOT / "valueloss" / "py.typed").exists()
