@@ -1,10 +1,19 @@
 # The two commands of the README do all of their own set-up on a fresh machine with python3:
-#   make lab    JupyterLab on notebooks/
-#   make test   the whole test suite (unit tests, doctests, every notebook under nbval, browser tests)
-#   make app    the Voila dashboard of the explorers (no code shown) on http://127.0.0.1:8866
-# Everything is installed into .venv with the pinned versions of constraints.txt.
+#   make lab        JupyterLab on notebooks/
+#   make test       the whole test suite, as CI runs it (unit tests, doctests, every notebook under nbval,
+#                   browser tests, compiling tests), then the ten slowest tests
+#   make test-fast  the everyday loop: the core package and the CLI (no notebooks, browser, compiling or slow tests)
+#   make test-slow  only the tests marked slow (long versions: soaks, full reproductions)
+#   make app        the Voila dashboard of the explorers (no code shown) on http://127.0.0.1:8866
+# Everything is installed into .venv with the pinned versions of constraints.txt. docs/testing.md has the tiers.
 
 PYTHON ?= python3
+# The Pythons `make` is tested with: 3.11, from Debian 12's 3.11.2 on (pyenv's 3.11.7 too). Every pin of
+# constraints.txt installs there (tests/test_project.py checks each package's Requires-Python against
+# OLDEST_PYTHON), and torch's CPU wheel of this machine is built for 3.11 only. pyproject.toml admits more
+# (>= 3.10); `make ... ANY_PYTHON=1` skips the check, at your own risk.
+OLDEST_PYTHON := 3.11.2
+ANY_PYTHON ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -17,14 +26,26 @@ PYTEST_ARGS ?=
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: all lab app test test-min test-torch lint venv clean browser screenshot
+.PHONY: all lab app test test-fast test-slow test-min test-torch lint venv clean browser screenshot
 
 all: test
 
 venv: $(STAMP)
 
 # Re-install whenever the dependency declarations change.
+# Stops with a message unless the interpreter ($(1)) is a tested one: 3.11, OLDEST_PYTHON or newer.
+define check_python
+@[ -n "$(ANY_PYTHON)" ] || $(1) -c 'import sys; oldest = tuple(map(int, "$(OLDEST_PYTHON)".split("."))); \
+sys.exit(0 if oldest <= sys.version_info[:3] and sys.version_info[:2] == oldest[:2] else 1)' 2>/dev/null || { \
+  echo "make: $(1) is $$($(1) -V 2>/dev/null || echo 'not a working Python'); valueloss's pinned set (constraints.txt," \
+       "torch 2.13.0's CPU wheel) is tested on Python 3.11 from $(OLDEST_PYTHON) on." >&2; \
+  echo "  Use one of those (make $(MAKECMDGOALS) PYTHON=python3.11; a stale venv: make clean), or try another" \
+       "anyway with ANY_PYTHON=1 (pip may then fail to resolve, or download a multi-GB CUDA torch)." >&2; \
+  exit 1; }
+endef
+
 $(STAMP): pyproject.toml constraints.txt
+	$(call check_python,$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)))
 	@if [ ! -x "$(BIN)/python" ]; then \
 	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	    echo "python3 -m venv failed: installing Debian's python3-venv"; \
@@ -67,9 +88,25 @@ screenshot: $(STAMP) browser
 	VALUELOSS_CHROMIUM=$(CHROMIUM) VALUELOSS_APP_SCREENSHOT=docs/images/explorer_app.png \
 	$(BIN)/python -m pytest -q tests/browser/test_voila_app.py -k every_control
 
+# Tiers (markers set in conftest.py or on the tests; docs/testing.md). PYTEST_ARGS go last, so
+# `make test PYTEST_ARGS='-m ""'` runs the slow tests too.
+PYTEST := $(BIN)/python -m pytest -q --timeout=900
+
+# Everything but the slow tests, as CI runs it (.ci/run); the ten slowest tests are listed at the end.
 test: $(STAMP) browser
 	VALUELOSS_CHROMIUM=$(CHROMIUM) \
-	$(BIN)/python -m pytest -q --timeout=900 $(NBVAL_FLAGS) tests valueloss notebooks $(PYTEST_ARGS)
+	$(PYTEST) $(NBVAL_FLAGS) -m "not slow" --durations=10 tests valueloss notebooks $(PYTEST_ARGS)
+
+# The everyday loop: the core package, the subpackages and the CLI, without notebooks, browser,
+# compiling or slow tests (under a minute here). nbval is not even loaded.
+test-fast: $(STAMP)
+	$(PYTEST) -p no:nbval -m "not (slow or notebooks or browser or compile)" tests valueloss $(PYTEST_ARGS)
+
+# Only the long versions (none may exist yet: pytest's "no tests ran", exit code 5, is then fine).
+test-slow: $(STAMP) browser
+	VALUELOSS_CHROMIUM=$(CHROMIUM) \
+	$(PYTEST) $(NBVAL_FLAGS) -m slow --durations=10 tests valueloss notebooks $(PYTEST_ARGS) \
+	|| { status=$$?; [ $$status = 5 ] && echo "make test-slow: no test is marked slow"; [ $$status = 5 ]; }
 
 # The core package (functional, loss, fused, distributed) on another torch, each in a venv of its own;
 # neither is part of `make test` (PyPI's torch builds are CUDA builds of several GB; they run on the CPU).
@@ -90,6 +127,7 @@ test-min:
 
 # With TORCH_EXTRA (numpy<2) the constraints leave numpy to it; otherwise numpy keeps its pin.
 test-torch:
+	$(call check_python,$(if $(wildcard $(TORCH_VENV)/bin/python),$(TORCH_VENV)/bin/python,$(PYTHON)))
 	@if [ ! -x "$(TORCH_VENV)/bin/python" ]; then $(PYTHON) -m venv $(TORCH_VENV); fi
 	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" $(if $(TORCH_EXTRA),"$(TORCH_EXTRA)")
 	grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+$(if $(TORCH_EXTRA),|numpy))==' constraints.txt > $(TORCH_VENV)/constraints.txt

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import tomllib
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda-forge name where they differ
@@ -51,6 +54,52 @@ def _environment_requirements() -> dict[str, str]:
 def test_environment_yml_matches_pyproject():
     """environment.yml lists exactly pyproject's dependencies and extras, with the same version ranges."""
     assert _environment_requirements() == _pyproject_requirements()
+
+
+def _pins() -> list[Requirement]:
+    lines = [line.split("#")[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    return [Requirement(line) for line in lines if line]
+
+
+def _oldest_tested_python() -> str:
+    match = re.search(r"^OLDEST_PYTHON := (3\.\d+\.\d+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert match, "the Makefile sets OLDEST_PYTHON := x.y.z"
+    return match.group(1)
+
+
+def test_every_pin_admits_the_oldest_tested_python():
+    """Each package pinned in constraints.txt declares a Requires-Python that admits OLDEST_PYTHON (Debian 12's
+    3.11.2), read from the installed distribution's own metadata, which must be the pinned version."""
+    oldest = _oldest_tested_python()
+    environment = {"python_version": ".".join(oldest.split(".")[:2]), "python_full_version": oldest}
+    refused = []
+    for pin in _pins():
+        if pin.marker is not None and not pin.marker.evaluate(environment):
+            continue  # a pin for other Pythons only
+        (spec,) = pin.specifier
+        installed = metadata.distribution(pin.name)
+        assert Version(installed.version).public == Version(spec.version).public, (
+            f"{pin.name} {installed.version} is installed, constraints.txt pins {spec.version}: run `make venv`")
+        requires_python = installed.metadata.get("Requires-Python") or ""
+        if not SpecifierSet(requires_python).contains(oldest):
+            refused.append(f"{pin.name}=={spec.version} requires Python {requires_python}")
+    assert not refused, f"pins that do not install on Python {oldest}: {refused}"
+
+
+def test_tested_pythons_are_stated_and_checked():
+    """The Makefile refuses an untested interpreter unless ANY_PYTHON is set; the README names the tested
+    Pythons; environment.yml asks for the same minor version; pyproject admits it."""
+    oldest = _oldest_tested_python()
+    minor = ".".join(oldest.split(".")[:2])
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(call check_python," in makefile.split("$(STAMP): pyproject.toml constraints.txt", 1)[1].split("\n")[1]
+    assert "ANY_PYTHON ?=" in makefile
+    readme = (ROOT / "README.md").read_text()
+    assert f"**Tested Pythons: {minor}**" in readme and oldest in readme
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert f"python={minor}" in environment["dependencies"]
+    requires_python = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert SpecifierSet(requires_python).contains(oldest)
 
 
 def test_constraints_pin_every_declared_dependency_within_its_range():
@@ -94,6 +143,37 @@ def test_readme_opens_with_the_two_commands_and_ci_calls_make_test():
     assert "-c constraints.txt" in makefile
 
 
+README_LIMIT = 10_000  # bytes: the front page fits on a screen or two; the rest lives in docs/
+LINK = re.compile(r"\]\(([^)\s]+)\)|<img src=\"([^\"]+)\"")
+
+
+def test_readme_is_short_and_every_docs_page_is_reachable():
+    """README.md stays under 10 KB and links every docs/*.md page; every relative link and picture in the
+    README and in docs/ points at a file of the repository."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_bytes()) < README_LIMIT, f"README.md is {len(readme.read_bytes())} bytes"
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    linked = {(ROOT / target).resolve() for target, _ in LINK.findall(readme.read_text()) if target}
+    assert [page.name for page in pages if page.resolve() not in linked] == []
+    for page in [readme, *pages]:
+        for groups in LINK.findall(page.read_text()):
+            target = (groups[0] or groups[1]).split("#")[0]
+            if not target or re.match(r"^[a-z]+:", target):
+                continue  # an anchor on the same page, or a web address
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+
+
+def test_readme_quick_start_runs():
+    """The README's Python quick start runs as written: the loss is a finite scalar with a gradient."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 12
+    namespace: dict = {}
+    exec(compile(code, "README.md quick start", "exec"), namespace)
+    loss, values = namespace["loss"], namespace["values"]
+    assert loss.ndim == 0 and loss.isfinite() and values.grad is not None and values.grad.abs().sum() > 0
+
+
 def test_packaging_files_exist():
     """The package is typed (py.typed shipped) and licensed."""
     assert (ROOT / "valueloss" / "py.typed").exists()
@@ -104,13 +184,13 @@ def test_packaging_files_exist():
 
 def test_import_loads_only_the_core():
     """`import valueloss` loads torch and the core, but no subpackage, no torch._inductor or torch._dynamo,
-    and no matplotlib or ipywidgets (checked in a fresh interpreter)."""
+    and no matplotlib, ipywidgets or gymnasium (checked in a fresh interpreter, one for all of these)."""
     code = (
         "import sys, valueloss\n"
         "from valueloss import ValueLoss, ValueLossDiagnostics, Region, diagnose, functional\n"
         "ValueLoss(0.2)\n"
-        "heavy = ('torch._inductor', 'torch._dynamo', 'matplotlib', 'ipywidgets', 'valueloss.viz', 'valueloss.lessons',\n"
-        "         'valueloss.batch', 'valueloss.experiments')\n"
+        "heavy = ('torch._inductor', 'torch._dynamo', 'matplotlib', 'ipywidgets', 'gymnasium', 'valueloss.viz',\n"
+        "         'valueloss.lessons', 'valueloss.batch', 'valueloss.experiments')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "print(sorted(valueloss.__all__))\n"
     )
@@ -129,3 +209,36 @@ def test_core_modules_import_no_subpackage():
         source = path.read_text()
         for sub in ("viz", "lessons", "batch", "experiments"):
             assert not re.search(rf"^\s*(from|import)\s+(\.|valueloss\.){sub}\b", source, re.M), (path.name, sub)
+
+
+TIERS = ("slow", "notebooks", "browser", "compile")
+
+
+def test_tier_markers_are_registered_and_the_make_targets_select_them():
+    """pyproject registers the four tier markers; make test runs all but slow and lists the ten slowest,
+    make test-fast none of the four (and skips nbval), make test-slow only slow."""
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "--strict-markers" in options["addopts"]
+    assert set(TIERS) <= {marker.split(":")[0] for marker in options["markers"]}
+    makefile = (ROOT / "Makefile").read_text()
+
+    def recipe(target):
+        return re.search(rf"^{target}: .*?\n((?:\t.*\n)+)", makefile, re.M).group(1)
+
+    assert '-m "not slow" --durations=10 tests valueloss notebooks' in recipe("test")
+    assert '-p no:nbval -m "not (slow or notebooks or browser or compile)" tests valueloss' in recipe("test-fast")
+    assert "-m slow " in recipe("test-slow")
+
+
+def test_conftest_marks_browser_tests_and_notebook_cells_by_path(request):
+    """The root conftest gives tests/browser/* the browser marker and notebooks/*.ipynb cells the notebooks
+    marker, nothing else; and the items of this session carry them."""
+    (conftest,) = [plugin for plugin in request.config.pluginmanager.get_plugins()
+                   if getattr(plugin, "__file__", None) and Path(plugin.__file__) == ROOT / "conftest.py"]
+    assert conftest.tier_markers(ROOT / "tests" / "browser" / "test_voila_app.py") == ["browser"]
+    assert conftest.tier_markers(ROOT / "notebooks" / "00_start_here.ipynb") == ["notebooks"]
+    assert conftest.tier_markers(ROOT / "tests" / "test_notebooks.py") == []
+    assert conftest.tier_markers(ROOT / "valueloss" / "loss.py") == []
+    for item in request.session.items:
+        expected = set(conftest.tier_markers(Path(item.path)))
+        assert expected <= {marker.name for marker in item.iter_markers()}, item.nodeid

@@ -477,11 +477,19 @@ class WidgetDriver:
 
     def wait_until_stable(self, figure, quiet: float = 0.5, timeout: float = 20.0) -> int:
         """Wait until the figure has not changed for ``quiet`` seconds; return its signature."""
+        (signature,) = self.wait_until_all_stable([figure], quiet=quiet, timeout=timeout)
+        return signature
+
+    def wait_until_all_stable(self, figures: list, quiet: float = 0.5, timeout: float = 20.0) -> list[int]:
+        """Wait until none of the figures has changed for ``quiet`` seconds; return their signatures.
+
+        The figures are watched together, so a page of three figures is settled in one quiet period, not three.
+        """
         deadline = time.monotonic() + timeout
-        last, since = self.signature(figure), time.monotonic()
+        last, since = [self.signature(f) for f in figures], time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            now = self.signature(figure)
+            now = [self.signature(f) for f in figures]
             if now != last:
                 last, since = now, time.monotonic()
             elif time.monotonic() - since >= quiet:

@@ -69,9 +69,9 @@ def test_every_control_and_figure_renders(app, artifacts):
         assert slider.count() == 1 and slider.is_visible(), name
         assert ui.readout(slider) != ""
     assert page.locator(".widget-slider:visible").count() == len(DRIVES), "an explorer's own slider is visible"
+    ui.wait_until_all_stable([figure(page, panel) for panel in PANELS])
     for panel in PANELS:
         canvas = figure(page, panel)
-        ui.wait_until_stable(canvas)
         box = canvas.bounding_box()
         assert box["width"] > 400 and box["height"] > 250, (panel, box)
         assert inked_fraction(canvas.screenshot()) > 0.05, f"{panel} figure looks blank"
@@ -95,8 +95,7 @@ def app_screenshot(page, ui) -> bytes:
     page.set_viewport_size({"width": size["width"], "height": 2200})
     try:
         page.mouse.move(0, 0)
-        for panel in PANELS:
-            ui.wait_until_stable(figure(page, panel))
+        ui.wait_until_all_stable([figure(page, panel) for panel in PANELS])
         return page.locator(".valueloss-dashboard").screenshot()
     finally:
         page.set_viewport_size(size)
@@ -117,16 +116,16 @@ def test_slider_redraws_the_figures_it_drives(app, name, artifacts):
     """A keyboard step on a shared slider changes the pixels of the figures it drives, and only those."""
     page, ui = app
     figures = {panel: figure(page, panel) for panel in PANELS}
-    before = {panel: ui.wait_until_stable(fig) for panel, fig in figures.items()}
+    before = dict(zip(PANELS, ui.wait_until_all_stable(list(figures.values())), strict=True))
     shots = {panel: figures[panel].screenshot() for panel in DRIVES[name]}
     slider = shared_slider(page, ui, name)
     driven = sorted(DRIVES[name])
     presses = ui.step_and_wait(slider, [figures[p] for p in driven], [before[p] for p in driven])
     assert presses, f"{name} did not redraw all of {driven}"
-    for panel, fig in figures.items():
-        after = ui.wait_until_stable(fig)
+    after = dict(zip(PANELS, ui.wait_until_all_stable(list(figures.values())), strict=True))
+    for panel in PANELS:
         if panel not in DRIVES[name]:
-            assert after == before[panel], f"{name} changed the {panel} figure, which it does not drive"
+            assert after[panel] == before[panel], f"{name} changed the {panel} figure, which it does not drive"
     for panel in DRIVES[name]:
         now = figures[panel].screenshot()
         assert ui.changed_pixels(shots[panel], now) > 0, (name, panel)
@@ -137,7 +136,7 @@ def test_slider_to_figure_latency_is_reported(app, latency_log):
     """Time from a clip_eps key press to the first changed frame of each figure (printed, not asserted)."""
     page, ui = app
     slider = shared_slider(page, ui, "clip_eps")
-    for panel, steps in (("loss-curve", 6), ("surface", 3), ("gradient", 3)):
+    for panel, steps in (("loss-curve", 4), ("surface", 3), ("gradient", 3)):
         samples = []
         for i in range(steps):
             ms = ui.latency_ms(slider, figure(page, panel), "ArrowRight" if i % 2 == 0 else "ArrowLeft")
