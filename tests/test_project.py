@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
@@ -231,14 +232,16 @@ def test_tier_markers_are_registered_and_the_make_targets_select_them():
 
 
 def test_conftest_marks_browser_tests_and_notebook_cells_by_path(request):
-    """The root conftest gives tests/browser/* the browser marker and notebooks/*.ipynb cells the notebooks
-    marker, nothing else; and the items of this session carry them."""
+    """The root conftest marks tests/browser/* browser, notebooks/*.ipynb cells notebooks and valueloss/fused.py's
+    doctests (they compile) compile, nothing else; and the items of this session carry those markers."""
     (conftest,) = [plugin for plugin in request.config.pluginmanager.get_plugins()
                    if getattr(plugin, "__file__", None) and Path(plugin.__file__) == ROOT / "conftest.py"]
     assert conftest.tier_markers(ROOT / "tests" / "browser" / "test_voila_app.py") == ["browser"]
     assert conftest.tier_markers(ROOT / "notebooks" / "00_start_here.ipynb") == ["notebooks"]
     assert conftest.tier_markers(ROOT / "tests" / "test_notebooks.py") == []
-    assert conftest.tier_markers(ROOT / "valueloss" / "loss.py") == []
+    assert conftest.tier_markers(ROOT / "valueloss" / "loss.py", doctest=True) == []
+    assert conftest.tier_markers(ROOT / "valueloss" / "fused.py", doctest=True) == ["compile"]
+    assert conftest.tier_markers(ROOT / "valueloss" / "fused.py") == []
     for item in request.session.items:
-        expected = set(conftest.tier_markers(Path(item.path)))
+        expected = set(conftest.tier_markers(Path(item.path), doctest=isinstance(item, pytest.DoctestItem)))
         assert expected <= {marker.name for marker in item.iter_markers()}, item.nodeid
