@@ -32,7 +32,6 @@ all: test
 
 venv: $(STAMP)
 
-# Re-install whenever the dependency declarations change.
 # Stops with a message unless the interpreter ($(1)) is a tested one: 3.11, OLDEST_PYTHON or newer.
 define check_python
 @[ -n "$(ANY_PYTHON)" ] || $(1) -c 'import sys; oldest = tuple(map(int, "$(OLDEST_PYTHON)".split("."))); \
@@ -44,6 +43,7 @@ sys.exit(0 if oldest <= sys.version_info[:3] and sys.version_info[:2] == oldest[
   exit 1; }
 endef
 
+# Re-install whenever the dependency declarations change; first check the interpreter.
 $(STAMP): pyproject.toml constraints.txt
 	$(call check_python,$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)))
 	@if [ ! -x "$(BIN)/python" ]; then \
