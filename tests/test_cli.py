@@ -137,11 +137,12 @@ def test_parser_defaults():
                                                                                        (0.05, 0.15), False)
 
 
-def test_readme_example_is_the_commands_output():
-    """README.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4` prints."""
+def test_docs_example_is_the_commands_output():
+    """docs/inspect.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4`
+    prints."""
     root = SAMPLE.parents[2]
     command = "valueloss inspect notebooks/data/sample_batch.npz --top 4"
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "inspect.md").read_text()
     block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
     out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
                          cwd=root, timeout=300)
