@@ -1,5 +1,11 @@
-"""Tests of the command line ``valueloss inspect`` (run in subprocesses: exit codes, text, JSON, PNG)."""
+"""Tests of the command line ``valueloss inspect``: exit codes, text, JSON, PNG.
 
+Most run ``main()`` in this process (a subprocess costs torch's import, ~2 s, each); the tests of the
+entry point itself, of what gets imported and of the documented example run ``python -m valueloss``.
+"""
+
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -14,10 +20,21 @@ from valueloss.batch.cli import build_parser, main
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
 
-def run(*args):
+def run_process(*args):
     """Run ``python -m valueloss ARGS`` and return the completed process."""
     return subprocess.run([sys.executable, "-m", "valueloss", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
+
+
+def run(*args):
+    """Run the command line's ``main(ARGS)`` here: ``(returncode, stdout, stderr)`` as a subprocess would give."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def _batch(**change):
@@ -29,8 +46,8 @@ def _batch(**change):
 
 
 def test_text_report_on_the_sample():
-    """The sample prints a readable report with exit code 0."""
-    out = run("inspect", SAMPLE)
+    """`python -m valueloss inspect` on the sample prints a readable report with exit code 0."""
+    out = run_process("inspect", SAMPLE)
     assert out.returncode == 0, out.stderr
     assert "valueloss inspect:" in out.stdout and "have zero gradient (clip fraction)" in out.stdout
     assert "suggestion  clip_eps in [" in out.stdout and out.stderr == ""
