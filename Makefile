@@ -97,10 +97,14 @@ test: $(STAMP) browser
 	VALUELOSS_CHROMIUM=$(CHROMIUM) \
 	$(PYTEST) $(NBVAL_FLAGS) -m "not slow" --durations=10 tests valueloss notebooks $(PYTEST_ARGS)
 
-# The everyday loop: the core package, the subpackages and the CLI, without notebooks, browser,
-# compiling or slow tests (under a minute here). nbval is not even loaded.
+# The everyday loop: the core package (its tests and doctests) and the batch report with its CLI, without
+# notebooks, browser, compiling or slow tests (under a minute here). nbval is not even loaded. The
+# subpackages for the notebooks (viz, lessons, experiments) are tested by make test.
+FAST_TESTS := tests/test_functional.py tests/test_loss.py tests/test_fused.py tests/test_diagnostics.py \
+  tests/test_distributed.py tests/test_peers.py tests/test_batch.py tests/test_cli.py tests/test_project.py \
+  tests/test_core_without_extras.py $(wildcard valueloss/*.py) valueloss/batch
 test-fast: $(STAMP)
-	$(PYTEST) -p no:nbval -m "not (slow or notebooks or browser or compile)" tests valueloss $(PYTEST_ARGS)
+	$(PYTEST) -p no:nbval -m "not (slow or notebooks or browser or compile)" $(FAST_TESTS) $(PYTEST_ARGS)
 
 # Only the long versions (none may exist yet: pytest's "no tests ran", exit code 5, is then fine).
 test-slow: $(STAMP) browser

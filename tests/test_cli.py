@@ -1,5 +1,11 @@
-"""Tests of the command line ``valueloss inspect`` (run in subprocesses: exit codes, text, JSON, PNG)."""
+"""Tests of the command line ``valueloss inspect``: exit codes, text, JSON, PNG.
 
+Most run ``main()`` in this process (a subprocess costs torch's import, ~2 s, each); the tests of the
+entry point itself, of what gets imported and of the documented example run ``python -m valueloss``.
+"""
+
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -14,10 +20,21 @@ from valueloss.batch.cli import build_parser, main
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
 
-def run(*args):
+def run_process(*args):
     """Run ``python -m valueloss ARGS`` and return the completed process."""
     return subprocess.run([sys.executable, "-m", "valueloss", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
+
+
+def run(*args):
+    """Run the command line's ``main(ARGS)`` here: ``(returncode, stdout, stderr)`` as a subprocess would give."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def _batch(**change):
@@ -29,8 +46,8 @@ def _batch(**change):
 
 
 def test_text_report_on_the_sample():
-    """The sample prints a readable report with exit code 0."""
-    out = run("inspect", SAMPLE)
+    """`python -m valueloss inspect` on the sample prints a readable report with exit code 0."""
+    out = run_process("inspect", SAMPLE)
     assert out.returncode == 0, out.stderr
     assert "valueloss inspect:" in out.stdout and "have zero gradient (clip fraction)" in out.stdout
     assert "suggestion  clip_eps in [" in out.stdout and out.stderr == ""
@@ -137,11 +154,12 @@ def test_parser_defaults():
                                                                                        (0.05, 0.15), False)
 
 
-def test_readme_example_is_the_commands_output():
-    """README.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4` prints."""
+def test_docs_example_is_the_commands_output():
+    """docs/inspect.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4`
+    prints."""
     root = SAMPLE.parents[2]
     command = "valueloss inspect notebooks/data/sample_batch.npz --top 4"
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "inspect.md").read_text()
     block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
     out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
                          cwd=root, timeout=300)

@@ -232,7 +232,7 @@ TIERS = ("slow", "notebooks", "browser", "compile")
 
 def test_tier_markers_are_registered_and_the_make_targets_select_them():
     """pyproject registers the four tier markers; make test runs all but slow and lists the ten slowest,
-    make test-fast none of the four (and skips nbval), make test-slow only slow."""
+    make test-fast none of the four (and skips nbval) on the core's and the CLI's tests, make test-slow only slow."""
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "--strict-markers" in options["addopts"]
     assert set(TIERS) <= {marker.split(":")[0] for marker in options["markers"]}
@@ -242,7 +242,11 @@ def test_tier_markers_are_registered_and_the_make_targets_select_them():
         return re.search(rf"^{target}: .*?\n((?:\t.*\n)+)", makefile, re.M).group(1)
 
     assert '-m "not slow" --durations=10 tests valueloss notebooks' in recipe("test")
-    assert '-p no:nbval -m "not (slow or notebooks or browser or compile)" tests valueloss' in recipe("test-fast")
+    assert '-p no:nbval -m "not (slow or notebooks or browser or compile)" $(FAST_TESTS)' in recipe("test-fast")
+    fast = re.search(r"^FAST_TESTS := ((?:.*\\\n)*.*)$", makefile, re.M).group(1)
+    core = {path.stem for path in (ROOT / "valueloss").glob("*.py") if not path.stem.startswith("_")}
+    for name in core | {"batch", "cli"}:  # every core module's test file, and the batch report's and the CLI's
+        assert f"tests/test_{name}.py" in fast, name
     assert "-m slow " in recipe("test-slow")
 
 
