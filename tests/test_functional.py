@@ -353,7 +353,8 @@ def _inputs(shape=(4, 3)):
         (dict(batch_num_tokens=-1), ValueError, "batch_num_tokens must be a non-negative finite count; got -1"),
         (dict(batch_num_tokens=torch.ones(2)), ValueError, "batch_num_tokens must be a scalar"),
         (dict(scale=math.inf), ValueError, "scale must be a finite number; got inf"),
-        (dict(loss_scale_factor=0, mode="seq-mean-token-sum-norm"), ValueError, "loss_scale_factor must be None or a positive"),
+        (dict(loss_scale_factor=0, mode="seq-mean-token-sum-norm"), ValueError,
+         "loss_scale_factor must be None or a positive"),
     ],
 )
 def test_bad_settings_raise_naming_the_argument(kwargs, error, message):

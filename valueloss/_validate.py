@@ -89,7 +89,9 @@ def check_count(count: object, name: str, device: torch.device) -> Tensor | floa
         return None
     if isinstance(count, Tensor):
         if count.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (a number or a one-element tensor); got shape {tuple(count.shape)}")
+            raise ValueError(
+                f"{name} must be a scalar (a number or a one-element tensor); got shape {tuple(count.shape)}"
+            )
         if count.device != device and count.device.type != "cpu":
             raise ValueError(f"{name} must be on {device} (or a CPU scalar); got {count.device}")
         if count.is_complex() or count.dtype == torch.bool:
@@ -129,6 +131,8 @@ def check_inputs(values: object, old_values: object, returns: object, action_mas
         raise ValueError("values must have at least one dimension (tokens); got a 0-dim tensor")
     for name, t in others:
         if t.shape != values.shape:
-            raise ValueError(f"values and {name} must have the same shape; got {tuple(values.shape)} and {tuple(t.shape)}")
+            raise ValueError(
+                f"values and {name} must have the same shape; got {tuple(values.shape)} and {tuple(t.shape)}"
+            )
         if t.device != values.device:
             raise ValueError(f"values and {name} must be on the same device; got {values.device} and {t.device}")

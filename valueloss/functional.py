@@ -37,8 +37,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import AGGREGATION_MODES, LOSS_TYPES, VARIANTS, check_choice, check_count, check_dp_size, check_inputs
-from ._validate import check_number
+from ._validate import (
+    AGGREGATION_MODES,
+    LOSS_TYPES,
+    VARIANTS,
+    check_choice,
+    check_count,
+    check_dp_size,
+    check_inputs,
+    check_number,
+)
 
 __all__ = [
     "AGGREGATION_MODES",
@@ -127,8 +135,9 @@ class LossConfig:
 
     Example:
         >>> from valueloss.functional import LossConfig
-        >>> LossConfig(clip_eps=0.2, mode="seq-mean-token-mean")
-        LossConfig(clip_eps=0.2, variant='max', mode='seq-mean-token-mean', loss_type='squared', huber_delta=1.0, scale=0.5, loss_scale_factor=None)
+        >>> config = LossConfig(clip_eps=0.2, mode="seq-mean-token-mean")
+        >>> config.clip_eps, config.variant, config.mode, config.scale
+        (0.2, 'max', 'seq-mean-token-mean', 0.5)
     """
 
     clip_eps: float | None = None
@@ -392,10 +401,6 @@ def _mean(total: Tensor, count: Tensor | float) -> Tensor:
     return torch.where(count > 0, total / _safe_denominator(count), 0.0)
 
 
-def _float_mask(action_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    return action_mask.to(dtype)
-
-
 def _mask_sum(action_mask: Tensor, dtype: torch.dtype, dim: int | None = None) -> Tensor:
     """The sum of the mask's weights in ``dtype`` (a bool or integer mask counted exactly in int64 first)."""
     if action_mask.is_floating_point():
@@ -429,11 +434,11 @@ def _check_mask(loss_mat: object, action_mask: object, name: str = "loss_mat") -
     if not isinstance(action_mask, Tensor):
         raise TypeError(f"action_mask must be a torch.Tensor or None; got {type(action_mask).__name__}")
     if action_mask.shape != loss_mat.shape:
-        raise ValueError(
-            f"{name} and action_mask must have the same shape; got {tuple(loss_mat.shape)} and {tuple(action_mask.shape)}"
-        )
+        raise ValueError(f"{name} and action_mask must have the same shape; "
+                         f"got {tuple(loss_mat.shape)} and {tuple(action_mask.shape)}")
     if action_mask.device != loss_mat.device:
-        raise ValueError(f"{name} and action_mask must be on the same device; got {loss_mat.device} and {action_mask.device}")
+        raise ValueError(f"{name} and action_mask must be on the same device; "
+                         f"got {loss_mat.device} and {action_mask.device}")
 
 
 def aggregate(
@@ -546,7 +551,7 @@ def aggregation_weights(
 def _weights(ref, action_mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
     batch_num_tokens = _count_as(batch_num_tokens, ref.dtype)
     global_batch_size = _count_as(global_batch_size, ref.dtype)
-    mask = torch.ones_like(ref) if action_mask is None else _float_mask(action_mask, ref.dtype)
+    mask = torch.ones_like(ref) if action_mask is None else action_mask.to(ref.dtype)
     if mode == "token-sum":
         return mask * float(dp_size)
     if mode == "token-mean":

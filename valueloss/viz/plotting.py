@@ -38,8 +38,8 @@ from matplotlib.patches import Patch
 
 from .. import functional as F
 from .._threads import single_thread
-from .dynamics import simulate_descent
 from ..functional import Region
+from .dynamics import simulate_descent
 
 __all__ = [
     "OKABE_ITO",
@@ -828,7 +828,7 @@ def descent_trajectories(
     huber_delta: float = 1.0,
     legend: bool = True,
 ) -> Axes:
-    """Gradient descent on one predicted value, with and without clipping (:func:`valueloss.viz.dynamics.simulate_descent`).
+    """Gradient descent on one predicted value, with and without clipping (:func:`.dynamics.simulate_descent`).
 
     The clipped run moves towards the return until it passes the band edge ``v_old + clip_eps`` (a step may
     overshoot it), then gets no gradient until the old value is refreshed every ``refresh_every`` steps. One

@@ -54,8 +54,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from . import plotting
 from ..functional import Region
+from . import plotting
 from .plotting import find_artist
 
 __all__ = [
