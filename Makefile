@@ -101,7 +101,7 @@ test: $(STAMP) browser
 # notebooks, browser, compiling or slow tests (under a minute here). nbval is not even loaded. The
 # subpackages for the notebooks (viz, lessons, experiments) are tested by make test.
 FAST_TESTS := tests/test_functional.py tests/test_loss.py tests/test_fused.py tests/test_diagnostics.py \
-  tests/test_distributed.py tests/test_peers.py tests/test_batch.py tests/test_cli.py tests/test_project.py \
+  tests/test_distributed.py tests/test_record.py tests/test_peers.py tests/test_batch.py tests/test_cli.py tests/test_project.py \
   tests/test_core_without_extras.py $(wildcard valueloss/*.py) valueloss/batch
 test-fast: $(STAMP)
 	$(PYTEST) -p no:nbval -m "not (slow or notebooks or browser or compile)" $(FAST_TESTS) $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ from . import functional as F
 from ._validate import check_choice
 from .functional import Count
 from .fused import fused_value_loss
+from .record import Recorder
 
 
 class ValueLoss(nn.Module):
@@ -66,6 +67,8 @@ class ValueLoss(nn.Module):
         fused: ``False`` (default): the eager formula under autograd, the same at every size. ``True``:
             the loss and its gradient in one compiled pass (:mod:`valueloss.fused`: the same numbers, a fraction
             of the time and memory for large batches; the first call compiles for seconds).
+        recorder: a :class:`valueloss.record.Recorder` that saves every N-th batch this loss sees (``None``:
+            nothing is recorded). The calls in between cost one integer comparison and no host sync.
 
     Shape:
         - values: ``(B, T)`` or any ``(..., T)``; new critic predictions (the only input with a gradient).
@@ -107,6 +110,7 @@ class ValueLoss(nn.Module):
         scale: float = 0.5,
         loss_scale_factor: float | None = None,
         fused: bool = False,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(token_level_loss, bool):
@@ -126,6 +130,19 @@ class ValueLoss(nn.Module):
         )
         self.token_level_loss = token_level_loss
         self.fused = fused
+        self.recorder = recorder
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The :class:`valueloss.record.Recorder` of this loss, or ``None``; setting it checks the type."""
+        return self._recorder
+
+    @recorder.setter
+    def recorder(self, value: Recorder | None) -> None:
+        if value is not None and not callable(value):  # duck-typed: a doctest may load record.py a second time
+            raise TypeError(f"recorder must be a valueloss.record.Recorder (or a callable taking values, old_values, "
+                            f"returns, action_mask, config=) or None; got {type(value).__name__}")
+        self._recorder = value
 
     @property
     def clip_eps(self) -> float | None:
@@ -153,7 +170,7 @@ class ValueLoss(nn.Module):
         *,
         global_num_tokens: Count = None,
     ) -> Tensor:
-        return (fused_value_loss if self.fused else F.value_loss)(
+        loss = (fused_value_loss if self.fused else F.value_loss)(
             values,
             old_values,
             returns,
@@ -163,6 +180,9 @@ class ValueLoss(nn.Module):
             batch_num_tokens=batch_num_tokens if batch_num_tokens is not None else global_num_tokens,
             global_batch_size=global_batch_size,
         )
+        if self._recorder is not None:
+            self._recorder(values, old_values, returns, action_mask, config=self.config)
+        return loss
 
     def extra_repr(self) -> str:
         defaults = F.LossConfig()
@@ -172,4 +192,6 @@ class ValueLoss(nn.Module):
                 parts.append(f"{name}={getattr(self.config, name)!r}")
         if self.fused:
             parts.append("fused=True")
+        if self._recorder is not None:
+            parts.append(f"recorder={self._recorder!r}")
         return ", ".join(parts)
