@@ -94,7 +94,7 @@ def test_max_files_drops_the_oldest_file(tmp_path):
 
 
 def test_max_megabytes_drops_the_oldest_and_keeps_an_oversized_newest(tmp_path):
-    """The byte bound deletes the oldest files until the rest fit; a newest file alone above it is kept, with a warning."""
+    """The byte bound deletes the oldest files until the rest fit; a newest file alone above it is kept (warned)."""
     one = Recorder(tmp_path / "probe", every=1).record(*_batch(8, 100)).stat().st_size
     recorder = Recorder(tmp_path / "run", every=1, max_files=None, max_megabytes=2.5 * one / 1e6)
     for step in range(5):
