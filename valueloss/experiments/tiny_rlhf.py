@@ -61,7 +61,7 @@ class TinyRLHFConfig:
     """Settings of :func:`run_tiny_rlhf`; the defaults made the shipped recording."""
 
     seed: int = 0
-    iterations: int = 200
+    iterations: int = 300
     batch_size: int = 128
     """Prompts per rollout (one response each)."""
     max_response: int = 8
