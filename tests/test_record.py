@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,72 @@ def test_bad_inputs_raise_before_anything_is_written(tmp_path):
         ValueLoss(0.2, recorder="runs/vl")
     assert not any(tmp_path.iterdir())
     assert LossConfig().clip_eps is None  # the settings' defaults are what record() saves when none are given
+
+
+# --------------------------------------------------------------------------- the snippets of docs/record.md
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "record.md"
+
+
+def test_doc_snippets_record_from_each_trainer(tmp_path, monkeypatch):
+    """Each python block of docs/record.md runs as written (with stand-ins for the trainers' objects) and the
+    recorder it sets up writes the 50th call's batch, under the trainer's own argument names."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 6, "docs/record.md: OpenRLHF, verl, TRL (setup, call), CleanRL (setup, call)"
+    openrlhf, verl, trl_setup, trl_call, cleanrl_setup, cleanrl_call = blocks
+    monkeypatch.chdir(tmp_path)
+    values, old_values, returns, mask = _batch(4, 6, seed=2)
+
+    def recorded(name, step=50):
+        files = recorded_files(tmp_path / "runs" / name)
+        assert [p.name for p in files] == [f"step-{step:08d}-rank0.npz"], name
+        return _read(files[0])
+
+    namespace: dict = {}
+    exec(openrlhf, namespace)
+    for _ in range(50):
+        namespace["critic_loss_fn"](values, old_values, returns, action_mask=mask)
+    assert recorded("openrlhf-critic")[1]["clip_eps"] == 0.2
+
+    from valueloss.peers import verl_value_loss
+
+    core_algos = types.ModuleType("verl.trainer.ppo.core_algos")
+
+    def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean"):
+        return verl_value_loss(vpreds, values, returns, response_mask, clip_eps=cliprange_value,
+                               loss_agg_mode=loss_agg_mode)
+
+    core_algos.compute_value_loss = compute_value_loss
+    for name in ("verl", "verl.trainer", "verl.trainer.ppo"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules["verl.trainer.ppo"], "core_algos", core_algos, raising=False)
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core_algos)
+    exec(verl, {})
+    for _ in range(50):  # as verl's critic worker calls it
+        loss, clipfrac = core_algos.compute_value_loss(vpreds=values, values=old_values, returns=returns,
+                                                       response_mask=mask, cliprange_value=0.5,
+                                                       loss_agg_mode="seq-mean-token-mean")
+    assert torch.equal(loss, compute_value_loss(values, returns, old_values, mask, 0.5, "seq-mean-token-mean")[0])
+    arrays, settings, _ = recorded("verl-critic")
+    np.testing.assert_array_equal(arrays["old_values"], old_values.numpy())
+    assert (settings["clip_eps"], settings["mode"]) == (0.5, "seq-mean-token-mean")
+
+    trl = {"vpred": values, "mb_values": old_values, "mb_return": returns, "padding_mask_p1": ~mask,
+           "micro_batch_inds": torch.arange(4), "args": types.SimpleNamespace(cliprange_value=0.2)}
+    exec(trl_setup, trl)
+    for update in range(1, 51):
+        exec(trl_call, trl | {"update": update})
+    arrays, _, meta = recorded("trl-critic")
+    np.testing.assert_array_equal(arrays["action_mask"], mask.numpy())
+    assert meta["step"] == 50
+
+    cleanrl = {"newvalue": values.reshape(-1), "b_values": old_values.reshape(-1), "b_returns": returns.reshape(-1),
+               "mb_inds": torch.arange(24), "args": types.SimpleNamespace(clip_coef=0.2), "global_step": 6400}
+    exec(cleanrl_setup, cleanrl)
+    for _ in range(50):
+        exec(cleanrl_call, cleanrl)
+    arrays, _, meta = recorded("cleanrl-critic", step=6400)
+    assert arrays["values"].shape == (1, 24) and meta["step"] == 6400 and meta["shape"] == [24]
 
 
 # --------------------------------------------------------------------------- two ranks under gloo
