@@ -20,7 +20,9 @@ from ..record import FILE_PATTERN
 from .io import Batch, BatchError, load_batch, validate_batch
 from .report import inspect_batch
 
-__all__ = ["RecordedStep", "Trend", "TrendPoint", "format_trend", "inspect_directory", "load_recording"]
+__all__ = [
+    "RecordedStep", "Trend", "TrendPoint", "format_trend", "inspect_directory", "load_recording", "run_directory_command",
+]
 
 _MAX_JSON = 1_000_000  # characters of a file's settings or meta string that are read; longer ones are ignored
 
@@ -218,3 +220,41 @@ def format_trend(trend: Trend) -> str:
     for name, reason in trend.skipped:
         lines.append(f"  skipped {name}: {' '.join(reason.splitlines())}")
     return "\n".join(lines)
+
+
+def run_directory_command(args) -> int:
+    """``valueloss inspect DIR`` (called by :mod:`valueloss.batch.cli` when BATCH is a directory); the exit code.
+
+    Uses the parsed ``batch``, ``clip_eps``, ``mode``, ``target_clip_fraction``, ``json`` and ``plot``; a bad
+    directory or figure path prints one line on stderr and returns 2, as for a file.
+    """
+    import sys
+
+    def error(message: str) -> int:
+        print(f"valueloss inspect: error: {' '.join(message.splitlines())}", file=sys.stderr)
+        return 2
+
+    low, high = args.target_clip_fraction
+    if low > high:
+        return error(f"--target-clip-fraction LOW must be <= HIGH; got {low} {high}")
+    plot_trend = None
+    if args.plot:
+        try:
+            from ..viz.trend_plot import plot_trend
+        except ModuleNotFoundError as missing:
+            if missing.name is None or missing.name.split(".")[0] != "matplotlib":
+                raise
+            return error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
+    try:
+        trend = inspect_directory(args.batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
+    except (BatchError, ValueError) as failure:
+        return error(str(failure))
+    if plot_trend is not None:
+        try:
+            plot_trend(trend, args.plot)
+        except (OSError, ValueError) as failure:
+            return error(f"--plot could not write {args.plot} ({type(failure).__name__}: {failure})")
+    print(json.dumps(trend.to_dict(), indent=2) if args.json else format_trend(trend))
+    if args.plot and not args.json:
+        print(f"\n  figure      written to {args.plot}")
+    return 0
