@@ -62,7 +62,7 @@ def test_the_step_attribute_names_the_file_and_half_precision_is_upcast_exactly(
     """recorder.step names the file; bfloat16 and float16 arrive as float32 with the same numbers; float64 stays."""
     recorder = Recorder(tmp_path, every=1)
     for step, dtype in ((10, torch.bfloat16), (20, torch.float16), (30, torch.float64)):
-        recorder.step = step
+        recorder.step = np.int64(step)  # a trainer's step may be a NumPy integer
         values, old_values, returns, mask = _batch(dtype=dtype)
         path = recorder(values, old_values, returns, mask, clip_eps=0.2)
         arrays, _, meta = _read(path)
@@ -198,6 +198,8 @@ def test_bad_inputs_raise_before_anything_is_written(tmp_path):
     values = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"same shape; got \(2, 3\), \(2, 3\) and \(3,\)"):
         Recorder(tmp_path, every=1).record(values, values, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"step must be a whole number >= 0; got 1.5"):
+        Recorder(tmp_path, every=1).record(values, values, values, step=1.5)
     with pytest.raises(TypeError, match="recorder must be a valueloss.record.Recorder"):
         ValueLoss(0.2, recorder="runs/vl")
     assert not any(tmp_path.iterdir())

@@ -36,6 +36,7 @@ import functools
 import inspect
 import json
 import math
+import operator
 import os
 import re
 import tempfile
@@ -218,9 +219,13 @@ class Recorder:
         rank, world_size = _dist_rank()
         if self.ranks == "zero" and rank != 0:
             return None
-        step = step if step is not None else self.step if self.step is not None else self.calls
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a whole number >= 0; got {step!r}")
+        given = step if step is not None else self.step if self.step is not None else self.calls
+        try:
+            step = -1 if isinstance(given, bool) else operator.index(given)  # int, NumPy integer, 0-dim int tensor
+        except TypeError:
+            step = -1
+        if step < 0:
+            raise ValueError(f"step must be a whole number >= 0; got {given!r}")
 
         shape = tuple(values.shape)
         flat = (lambda t: t.reshape(1, -1)) if values.dim() <= 1 else (lambda t: t.reshape(-1, shape[-1]))
