@@ -115,3 +115,14 @@ def test_plot_trend_draws_the_trend_numbers(recording):
     np.testing.assert_allclose(ax_clip.lines[0].get_ydata(), 100 * trend.column("clip_fraction"))
     np.testing.assert_allclose(ax_loss.lines[1].get_ydata(), trend.column("loss_unclipped"))
     assert ax_eps.lines[0].get_ydata()[0] == 0.2 and "Clipping at clip_eps=0.2" == ax_clip.get_title()
+
+
+def test_an_oversized_or_broken_meta_is_ignored(tmp_path):
+    """A meta string above the size bound is ignored (though it is valid JSON), and so is a settings string that
+    is not JSON: the step then comes from the file name."""
+    values, old_values, returns, mask = _batch(2, 3, 0, 0.1)
+    np.savez(tmp_path / "step-00000005-rank0.npz", values=values.numpy(), old_values=old_values.numpy(),
+             returns=returns.numpy(), action_mask=mask.numpy(), meta=np.array(json.dumps({"pad": "x" * 1_100_000})),
+             settings=np.array("not json"))
+    (step,), skipped = load_recording(tmp_path)
+    assert (step.step, step.meta, step.settings, skipped) == (5, ({},), {}, [])

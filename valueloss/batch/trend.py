@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,16 @@ from .io import Batch, BatchError, load_batch, validate_batch
 from .report import inspect_batch
 
 __all__ = [
-    "RecordedStep", "Trend", "TrendPoint", "format_trend", "inspect_directory", "load_recording", "run_directory_command",
+    "RecordedStep",
+    "Trend",
+    "TrendPoint",
+    "format_trend",
+    "inspect_directory",
+    "load_recording",
+    "run_directory_command",
 ]
 
-_MAX_JSON = 1_000_000  # characters of a file's settings or meta string that are read; longer ones are ignored
+_MAX_JSON = 1_000_000  # characters of a file's settings or meta string; longer ones are ignored, never read
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,13 @@ class RecordedStep:
 def _json_entry(path: Path, key: str) -> dict:
     """``key`` of a recorded file decoded from its JSON string, or ``{}`` when it is missing or not a JSON object."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if key not in archive.files:
+        with zipfile.ZipFile(path) as archive:  # its declared size first: a huge member is never read
+            info = archive.getinfo(f"{key}.npy")
+            if info.file_size > 4 * _MAX_JSON + 1024:
                 return {}
+        with np.load(path, allow_pickle=False) as archive:
             entry = archive[key]
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return {}
     if entry.dtype.kind != "U" or entry.ndim != 0 or entry.itemsize // 4 > _MAX_JSON:
         return {}
