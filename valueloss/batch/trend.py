@@ -90,8 +90,13 @@ def _join(step: int, shards: list[tuple[int, Batch]], source: str) -> Batch:
                  dtype=shards[0][1].dtype)
 
 
-def load_recording(directory: str | os.PathLike) -> tuple[list[RecordedStep], list[tuple[str, str]]]:
+def load_recording(
+    directory: str | os.PathLike, **limits: int
+) -> tuple[list[RecordedStep], list[tuple[str, str]]]:
     """The recorded steps of ``directory`` in step order, and the files that could not be read (name, reason).
+
+    Each file is read by :func:`~valueloss.batch.load_batch`, with ``limits`` (its size limits, e.g.
+    ``max_bytes``) passed on.
 
     Raises :class:`~valueloss.batch.BatchError` when ``directory`` is not a directory, holds no recorded file,
     or none of its files is a valid batch.
@@ -114,7 +119,7 @@ def load_recording(directory: str | os.PathLike) -> tuple[list[RecordedStep], li
         shards, metas, files, settings = [], [], [], {}
         for rank, path in sorted(by_step[step]):
             try:
-                batch = load_batch(path)
+                batch = load_batch(path, **limits)
             except BatchError as error:
                 skipped.append((path.name, str(error)))
                 continue
@@ -182,9 +187,11 @@ def inspect_directory(
     clip_eps: float = 0.2,
     mode: str = "token-mean",
     target_clip_fraction: tuple[float, float] = (0.05, 0.15),
+    **limits: int,
 ) -> Trend:
-    """Report each recorded step of ``directory`` at one ``clip_eps`` and ``mode`` (see :func:`inspect_batch`)."""
-    steps, skipped = load_recording(directory)
+    """Report each recorded step of ``directory`` at one ``clip_eps`` and ``mode`` (see :func:`inspect_batch`);
+    ``limits`` go to :func:`load_recording`."""
+    steps, skipped = load_recording(directory, **limits)
     points = []
     for recorded in steps:
         report = inspect_batch(recorded.batch, clip_eps=clip_eps, mode=mode, target_clip_fraction=target_clip_fraction)
@@ -255,7 +262,10 @@ def run_directory_command(args) -> int:
                 raise
             return error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
     try:
-        trend = inspect_directory(args.batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
+        names = ("max_bytes", "max_tokens", "max_sequences")
+        limits = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        trend = inspect_directory(args.batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high),
+                                  **limits)
     except (BatchError, ValueError) as failure:
         return error(str(failure))
     if plot_trend is not None:
