@@ -93,6 +93,9 @@ def test_bad_settings_raise_and_the_cli_exits_2(capsys):
         TinyRLHFConfig(batch_size=10, minibatches=3)
     assert main(["--iterations", "0"]) == 2
     assert capsys.readouterr().err.strip() == "tiny_rlhf: error: iterations must be a whole number >= 1; got 0"
+    assert main(["--value-clip-eps", "abc"]) == 2
+    assert capsys.readouterr().err.strip() == ("tiny_rlhf: error: --value-clip-eps must be a number >= 0 or 'none'; "
+                                               "got 'abc'")
 
 
 def _arrays(path):

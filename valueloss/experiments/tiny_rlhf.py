@@ -355,10 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the curves and the checksum as JSON")
     args = parser.parse_args(argv)
     try:
-        eps = None if args.value_clip_eps.lower() == "none" else float(args.value_clip_eps)
+        try:
+            eps = None if args.value_clip_eps.lower() == "none" else float(args.value_clip_eps)
+        except ValueError:
+            raise ValueError(f"--value-clip-eps must be a number >= 0 or 'none'; got {args.value_clip_eps!r}") from None
         config = TinyRLHFConfig(seed=args.seed, iterations=args.iterations, value_clip_eps=eps)
         if args.record_every < 1:
             raise ValueError(f"--record-every must be >= 1; got {args.record_every}")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise ValueError(f"--json {args.json}: its folder does not exist")
     except ValueError as error:
         print(f"tiny_rlhf: error: {error}", file=sys.stderr)
         return 2
