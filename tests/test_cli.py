@@ -78,14 +78,33 @@ def test_inspect_on_pt_still_works(tmp_path):
 
 
 def test_json_report_and_plot(tmp_path):
-    """--json prints parseable JSON with the chosen settings; --plot writes a PNG."""
+    """--json prints parseable JSON with the chosen settings and the top 8 sequences; --plot writes a PNG."""
     png = tmp_path / "out.png"
     out = run("inspect", SAMPLE, "--json", "--clip-eps", "0.1", "--mode", "seq-mean-token-mean", "--plot", png)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["clip_eps"] == 0.1 and data["mode"] == "seq-mean-token-mean"
-    assert data["num_tokens"] == 783 and len(data["sequences"]) == 24
+    assert data["num_tokens"] == 783 and data["num_sequences"] == 24 and len(data["sequences"]) == 8
+    fractions = [s["clip_fraction"] for s in data["sequences"]]
+    assert fractions == sorted(fractions, reverse=True)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    every = json.loads(run("inspect", SAMPLE, "--json", "--top", "all").stdout)["sequences"]
+    assert sorted(s["index"] for s in every) == list(range(24))
+    assert len(json.loads(run("inspect", SAMPLE, "--json", "--top", "3").stdout)["sequences"]) == 3
+
+
+def _reject_constants(text):
+    raise ValueError(f"not strict JSON: {text}")
+
+
+def test_json_is_strict_with_null_for_non_finite_numbers(tmp_path):
+    """A batch whose loss overflows to inf prints strict JSON (a parser refusing NaN/Infinity reads it): null."""
+    path = tmp_path / "huge.npz"
+    np.savez(path, values=np.array([1e200, 0.0]), old_values=np.zeros(2), returns=np.array([-1e200, 0.0]))
+    out = run("inspect", path, "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout, parse_constant=_reject_constants)
+    assert data["loss"] is None and data["loss_unclipped"] is None and data["num_tokens"] == 2
 
 
 BAD = {
