@@ -19,7 +19,10 @@ from ..functional import AGGREGATION_MODES
 from .io import MAX_BYTES, MAX_SEQUENCES, MAX_TOKENS, BatchError, load_batch
 from .report import format_report, inspect_batch
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PLOT_MAX_SEQUENCES", "build_parser", "main"]
+
+PLOT_MAX_SEQUENCES = 2048
+"""``--plot`` draws a bar per sequence: more than this many take minutes and gigabytes, so they are refused."""
 
 
 def _positive_float(text: str) -> float:
@@ -155,6 +158,9 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         batch = load_batch(args.batch, max_bytes=args.max_bytes, max_tokens=args.max_tokens,
                            max_sequences=args.max_sequences)
+        if plot_report is not None and batch.values.shape[0] > PLOT_MAX_SEQUENCES:
+            return _error(f"--plot draws a bar per sequence, at most {PLOT_MAX_SEQUENCES}; {batch.source} has "
+                          f"{batch.values.shape[0]} sequences (leave out --plot)")
         report = inspect_batch(batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
     except (BatchError, ValueError) as error:
         return _error(str(error))

@@ -271,8 +271,10 @@ class Limits:
 
 
 def _shape_of(obj: object) -> tuple[int, ...] | None:
-    shape = getattr(obj, "shape", None) if isinstance(obj, (np.ndarray, Tensor)) else None
-    return None if shape is None else tuple(int(n) for n in shape)
+    """The shape of an array or dense tensor; None for anything else (refused later, by :func:`_to_array`)."""
+    if isinstance(obj, np.ndarray) or (isinstance(obj, Tensor) and not obj.is_nested):
+        return tuple(int(n) for n in obj.shape)
+    return None
 
 
 def _zip_directory_size(file: BinaryIO, size: int, source: str, kind: str) -> None:
@@ -345,7 +347,7 @@ def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, 
         budget[0] += nbytes
         if budget[0] > limits.max_bytes:
             raise BatchError(
-                f"{source}: its arrays hold {budget[0]} bytes or more, more than the limit of {limits.max_bytes} "
+                f"{source}: the arrays read so far hold {budget[0]} bytes, more than the limit of {limits.max_bytes} "
                 "(raise it with --max-bytes N, or max_bytes=N in Python)"
             )
         data = member.read(nbytes)
@@ -426,7 +428,7 @@ def _read_safetensors(file: BinaryIO, size: int, source: str, limits: Limits) ->
                              f"and dtype {dtype_name} in {data_size} bytes of data)")
         budget += nbytes
         if budget > limits.max_bytes:
-            raise BatchError(f"{source}: its arrays hold {budget} bytes or more, more than the limit of "
+            raise BatchError(f"{source}: the arrays read so far hold {budget} bytes, more than the limit of "
                              f"{limits.max_bytes} (raise it with --max-bytes N, or max_bytes=N in Python)")
         file.seek(8 + length + start)
         raw = file.read(nbytes)
