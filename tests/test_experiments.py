@@ -329,7 +329,8 @@ def test_figures_draw_the_2x2_design_as_colour_and_line_style():
              "curves": {"global_step": [1.0, 2.0], "episodic_return": [1.0 + s, 2.0 + s]}}
             for scaled in (True, False) for clip in (0.2, None) for s in range(2)]
     data = {"command": "x", "runs": runs}
-    lines = {line.get_label().split(" (n=")[0]: line for line in figures.plot_learning_curves(data, reps=20).get_lines()}
+    ax = figures.plot_learning_curves(data, reps=20)
+    lines = {line.get_label().split(" (n=")[0]: line for line in ax.get_lines()}
     assert len(lines) == 4
     for label, line in lines.items():
         assert line.get_color() == figures.CLIP_COLORS[0 if label.startswith("no clip") else 1], label

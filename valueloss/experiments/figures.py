@@ -17,7 +17,9 @@ from matplotlib.axes import Axes
 from .results import curve_matrix, final_scores, runs_by_condition
 from .stats import curve_iqm_ci, stratified_bootstrap_ci
 
-__all__ = ["OKABE_ITO", "condition_styles", "key_figure", "plot_toy_curves", "plot_learning_curves", "plot_final_scores"]
+__all__ = [
+    "OKABE_ITO", "condition_styles", "key_figure", "plot_toy_curves", "plot_learning_curves", "plot_final_scores"
+]
 
 #: Okabe & Ito (2008) colour-blind-safe colours: blue, orange, bluish green, vermillion, reddish purple, sky blue.
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9")

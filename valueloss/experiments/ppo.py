@@ -380,7 +380,6 @@ def _train(config: PPOConfig, seed: int, progress: Callable[[int], None] | None)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     agent = ActorCritic(obs_dim, int(envs.single_action_space.n), config.hidden)
     optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
-    value_loss_fn = ValueLoss(clip_eps=config.value_clip_eps)  # 0.5 * mean of the (clipped) squared error
     reward_scaler = RewardScaler(config.num_envs, config.gamma) if config.reward_scaling else None
 
     shape = (config.num_steps, config.num_envs)
