@@ -4,7 +4,8 @@ The algorithm follows CleanRL's single-file ``ppo.py`` (vwxyzjn/cleanrl, ``clean
 2026-11-25) and the "37 implementation details of PPO" (Huang et al., ICLR blog track 2022): vectorised
 environments, generalised advantage estimation (GAE, Schulman et al. 2016), the clipped policy ratio,
 per-minibatch advantage normalisation, one Adam optimiser with a linearly annealed learning rate, gradient
-clipping at 0.5, and the value loss from :class:`valueloss.ValueLoss`. Two switches are the subject of
+clipping at 0.5, and the value loss from :class:`valueloss.ValueLoss`. The learning step of an iteration is
+one function, :func:`ppo_update` (about 40 lines, notebook 06 prints it). Two switches are the subject of
 notebook 06:
 
 * ``value_clip_eps``: ``None`` for the plain squared error, a number for ppo2's clipped value loss
