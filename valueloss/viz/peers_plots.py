@@ -17,7 +17,10 @@ from matplotlib.patches import Patch
 
 from ..peers import PEERS, PeerResult, peer_gradient_map
 
-__all__ = ["ZERO_COLOR", "gradient_limit", "plot_gradient_difference", "plot_gradient_map", "plot_peer_losses"]
+__all__ = [
+    "ZERO_COLOR", "gradient_limit", "plot_gradient_difference", "plot_gradient_map", "plot_gradient_maps",
+    "plot_peer_losses",
+]
 
 BLUE, ORANGE, GREEN, PINK = "#0072B2", "#D55E00", "#009E73", "#CC79A7"  # Okabe-Ito
 CMAP = "PuOr_r"  # diverging, colour-blind safe (ColorBrewer)
@@ -29,12 +32,13 @@ def gradient_limit(*, clip_eps: float = 0.2, num: int = 121) -> float:
     return max(float(peer_gradient_map(name, clip_eps=clip_eps, num=num)[2].abs().max()) for name in PEERS)
 
 
-def _plane(ax, delta, residual, data, clip_eps, title, label, limit=None):
+def _plane(ax, delta, residual, data, clip_eps, title, label, limit=None, colorbar=True):
     limit = (float(np.abs(data).max()) or 1.0) if limit is None else limit
     cmap = colormaps[CMAP].with_extremes(bad=ZERO_COLOR)
     image = ax.pcolormesh(delta, residual, np.ma.masked_equal(data, 0.0), cmap=cmap, vmin=-limit, vmax=limit,
                           shading="auto")
-    ax.figure.colorbar(image, ax=ax, label=label)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label=label)
     ax.axvline(-clip_eps, color=GREEN, linestyle="--", label=r"band $|v - v_{old}| = \epsilon$")
     ax.axvline(clip_eps, color=GREEN, linestyle="--")
     ax.plot(delta[0], delta[0], color="black", linewidth=0.8, label="$R = v$")
@@ -47,7 +51,9 @@ def _plane(ax, delta, residual, data, clip_eps, title, label, limit=None):
     return ax
 
 
-def plot_gradient_map(name: str, *, clip_eps: float = 0.2, num: int = 121, vmax: float | None = None, ax=None):
+def plot_gradient_map(
+    name: str, *, clip_eps: float = 0.2, num: int = 121, vmax: float | None = None, colorbar: bool = True, ax=None
+):
     """Per-token gradient ``d loss / d v`` of one peer over the plane; grey (:data:`ZERO_COLOR`) = exactly zero.
 
     The colour scale runs from ``-vmax`` to ``vmax``; by default ``vmax`` is :func:`gradient_limit`, the same for
@@ -57,7 +63,26 @@ def plot_gradient_map(name: str, *, clip_eps: float = 0.2, num: int = 121, vmax:
     delta, residual, grad = (t.numpy() for t in peer_gradient_map(name, clip_eps=clip_eps, num=num))
     limit = gradient_limit(clip_eps=clip_eps, num=num) if vmax is None else float(vmax)
     return _plane(ax, delta, residual, grad, clip_eps, f"{name}: gradient per token ($\\epsilon$ = {clip_eps:g})",
-                  r"$\partial \ell / \partial v$", limit)
+                  r"$\partial \ell / \partial v$", limit, colorbar)
+
+
+def plot_gradient_maps(names, *, clip_eps: float = 0.2, num: int = 121, axes=None):
+    """The gradient maps of several peers side by side, on one colour scale with one colour bar.
+
+    Makes a figure at most 11 inches wide unless ``axes`` (one Axes per name) is given; returns the Axes.
+    """
+    names = list(names)
+    if axes is None:
+        _, axes = plt.subplots(1, len(names), figsize=(min(11.0, 4.6 * len(names)), 4.3), layout="constrained",
+                               squeeze=False)
+    axes = list(np.asarray(axes).ravel())
+    if len(axes) != len(names):
+        raise ValueError(f"axes must hold one Axes per name; got {len(axes)} Axes for {len(names)} names")
+    limit = gradient_limit(clip_eps=clip_eps, num=num)
+    for ax, name in zip(axes, names):
+        plot_gradient_map(name, clip_eps=clip_eps, num=num, vmax=limit, colorbar=False, ax=ax)
+    axes[0].figure.colorbar(axes[0].collections[0], ax=axes, label=r"$\partial \ell / \partial v$ (one scale)")
+    return axes
 
 
 def plot_gradient_difference(name_a: str, name_b: str, *, clip_eps: float = 0.2, num: int = 121, ax=None):
