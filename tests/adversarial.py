@@ -14,9 +14,9 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -200,7 +200,8 @@ CASES: dict[str, Case] = {
     "npz: ignored 2.1 GB member": Case("ignored.npz", ignored_member_bomb, ""),  # loads: the bomb is never read
     "npz: shape 10**12": Case("shape.npz", _huge_shape, f"1000000000000 tokens, {LIMIT}"),
     "npz: corrupt deflate stream": Case(
-        "corrupt.npz", _npz_with_values(Member("values.npy", b"\xff" * 200, 8, 400)), "not a NumPy .npz archive (error"),
+        "corrupt.npz", _npz_with_values(Member("values.npy", b"\xff" * 200, 8, 400)),
+        "not a NumPy .npz archive (error"),
     "npz: encrypted member": Case(
         "encrypted.npz", _npz_with_values(Member("values.npy", npy_bytes(np.zeros((3, 5))), flags=1)), "is encrypted"),
     "npz: unknown compression": Case(

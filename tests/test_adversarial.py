@@ -17,8 +17,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
 from adversarial import CASES, write_case
+
 from valueloss.batch import BatchError, load_batch_bytes
 from valueloss.batch import io as batch_io
 from valueloss.batch.cli import main

@@ -1,8 +1,8 @@
 """Read, check and report a saved batch of values, old values, returns and masks (``valueloss inspect``).
 
-* :mod:`valueloss.batch.io`: :class:`Batch`, :class:`BatchError`, :class:`Limits`, :func:`load_batch` (``.pt``, ``.npz``,
-  ``.safetensors``; the last needs the ``[io]`` extra), :func:`load_batch_bytes`, :func:`validate_batch`,
-  :func:`save_batch`;
+* :mod:`valueloss.batch.io`: :class:`Batch`, :class:`BatchError`, :class:`Limits`, :func:`load_batch`
+  (``.pt``, ``.npz``, ``.safetensors``, each read within limits checked from its headers),
+  :func:`load_batch_bytes`, :func:`validate_batch`, :func:`save_batch`;
 * :mod:`valueloss.batch.synthetic`: :func:`synthetic_batch`, the notebooks' sample batch;
 * :mod:`valueloss.batch.report`: :func:`inspect_batch` and :func:`format_report`, whose numbers come from
   :mod:`valueloss.functional` and :func:`valueloss.diagnose`;
