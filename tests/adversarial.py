@@ -215,6 +215,9 @@ CASES: dict[str, Case] = {
     "pt: nested tensors": Case(
         "nested.pt", _pt(lambda: torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])), "is a nested tensor"),
     "pt: sparse tensors": Case("sparse.pt", _pt(lambda: torch.zeros(3, 5).to_sparse()), "is a sparse_coo tensor"),
+    "pt: quantized tensors": Case(
+        "quantized.pt", _pt(lambda: torch.quantize_per_tensor(torch.zeros(3, 5), 0.1, 0, torch.qint8)),
+        "is a quantized tensor"),
     "pt: 10**12 elements of stride 0": Case(
         "strides.pt", _pt(lambda: torch.zeros(1).expand(10**6, 10**6)), f"1000000000000 tokens, {LIMIT}"),
     "pt: not a zip": Case("legacy.pt", lambda p: p.write_bytes(b"\x80\x02}q\x00."), "weights_only=True) (not a zip"),

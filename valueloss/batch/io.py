@@ -3,9 +3,13 @@
 A batch is a mapping with ``values``, ``old_values``, ``returns`` (all ``(B, T)`` or ``(T,)``
 floating point) and optionally ``action_mask`` (bool or 0/1; aliases ``response_mask``,
 ``loss_mask``, ``mask``), saved as ``.pt``/``.pth`` (``torch.save`` of a dict; read with
-``torch.load(weights_only=True)``), ``.npz`` (``numpy.savez``) or ``.safetensors`` (needs the
-``safetensors`` package, extra ``valueloss[io]``). :func:`load_batch` raises :class:`BatchError`
-with a message naming the key and what was expected and what arrived.
+``torch.load(weights_only=True)``, on torch >= 2.10 only), ``.npz`` (``numpy.savez``) or ``.safetensors``
+(read by this module from the format's specification; no package needed). :func:`load_batch` raises
+:class:`BatchError` with a one-line message naming the key and what was expected and what arrived.
+
+Files are untrusted: only regular files are read; :class:`Limits` (bytes, tokens, sequences) are checked from
+each format's headers before an array is read, and keys other than the batch's are never read
+(docs/inspect.md, "Untrusted files").
 
 >>> batch = validate_batch({"values": np.array([0.5, 0.1]), "old_values": np.zeros(2), "returns": np.ones(2)})
 >>> batch.values.shape, batch.dtype, batch.had_mask
