@@ -17,6 +17,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 from adversarial import CASES, write_case
 
 from valueloss.batch import BatchError, load_batch_bytes
@@ -30,6 +31,14 @@ TRACED_LIMIT = 64 * 2**20
 """Bytes NumPy/zipfile/Python may allocate in-process for a case (the files' valid parts are tiny)."""
 
 REFUSED = [name for name in CASES if CASES[name].message]
+OLD_TORCH = torch.__version__ < batch_io.PT_MIN_TORCH
+
+
+def expected(name):
+    """The message of case ``name``; below torch 2.10 every .pt file's content is refused unread instead."""
+    if OLD_TORCH and name.startswith("pt:") and CASES[name].bytes_ok:
+        return "save the batch as .npz"
+    return CASES[name].message
 
 
 def run_inspect(*args):
@@ -58,7 +67,7 @@ def test_every_case_exits_2_with_one_line_in_bounded_memory(tmp_path, name):
     """Each hostile file: exit 2, one line naming the problem, little memory allocated, well within 30 s."""
     path = write_case(tmp_path, name)
     code, stdout, stderr, peak, elapsed = run_inspect(path)
-    assert_one_line_error(code, stdout, stderr, CASES[name].message)
+    assert_one_line_error(code, stdout, stderr, expected(name))
     assert str(path) in stderr
     assert peak < TRACED_LIMIT and elapsed < TIME_LIMIT, (peak, elapsed)
 
@@ -83,7 +92,7 @@ def test_uploaded_bytes_are_refused_alike(tmp_path, name):
         peak = tracemalloc.get_traced_memory()[1] - path.stat().st_size  # the upload itself is in memory
     finally:
         tracemalloc.stop()
-    assert CASES[name].message in str(error.value) and "\n" not in str(error.value)
+    assert expected(name) in str(error.value) and "\n" not in str(error.value)
     assert peak < TRACED_LIMIT
 
 
@@ -146,7 +155,7 @@ def _check_in_a_process(tmp_path, name):
     path = write_case(tmp_path, name)
     code, stdout, stderr, peak, elapsed = _run_measured([sys.executable, "-m", "valueloss", "inspect", str(path)])
     if CASES[name].message:
-        assert_one_line_error(code, stdout, stderr, CASES[name].message)
+        assert_one_line_error(code, stdout, stderr, expected(name))
     else:
         assert code == 0, stderr
     assert peak < 1 * GB and elapsed < TIME_LIMIT, (peak, elapsed)

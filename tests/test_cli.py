@@ -16,6 +16,10 @@ import pytest
 import torch
 
 from valueloss.batch.cli import build_parser, main
+from valueloss.batch.io import PT_MIN_TORCH
+
+reads_pt = pytest.mark.skipif(torch.__version__ < PT_MIN_TORCH, reason=f".pt files are refused below torch "
+                              f"{PT_MIN_TORCH} (tests/test_adversarial.py checks the refusal)")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
@@ -66,6 +70,7 @@ def test_inspect_without_plot_never_imports_matplotlib():
             == []
 
 
+@reads_pt
 def test_inspect_on_pt_still_works(tmp_path):
     """A .pt copy of the sample (read with torch.load(weights_only=True)) gives the same report as the .npz."""
     path = tmp_path / "sample.pt"
@@ -119,6 +124,7 @@ BAD = {
 }
 
 
+@reads_pt
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_files_exit_2_with_a_clear_message(tmp_path, case):
     """Each kind of bad file exits with code 2 and says what is wrong on stderr, nothing on stdout."""

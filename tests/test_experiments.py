@@ -501,3 +501,18 @@ def test_workers_die_with_a_killed_parent(tmp_path):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     assert survivors == [], f"{len(survivors)} of {len(workers)} child processes outlived the killed parent"
+
+
+@pytest.mark.parametrize("content", ["[1]", "not json", '{"command": "x", "runs": [{"config": {}, "seed": 0}]}',
+                                     '{"command": "x", "runs": [{"config": {}, "seed": 0, "curves": {"a": "b"}}]}'])
+def test_a_malformed_results_file_is_named(tmp_path, capsys, content):
+    """load_results names the file and the problem; the figure command exits 2 with that one line."""
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path} is not a valueloss results file: "):
+        results.load_results(path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["figure", str(path), "--out", str(tmp_path / "f.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("python -m valueloss.experiments figure: error: ")
+    assert err.count("\n") == 1 and str(path) in err and not (tmp_path / "f.png").exists()

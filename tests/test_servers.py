@@ -1,10 +1,13 @@
-"""The Voilà app's kernel cap and culling (notebooks/voila.json), without a browser: a loop of plain GETs.
+"""The Voilà app's kernel cap and culling (notebooks/voila.json), without a browser.
 
-Voilà is started as ``make app`` starts it (the same config file, loopback only), on a one-cell notebook so
-that each kernel is cheap, with the cap lowered to 2 and the culling timeouts shortened on the command line.
-Kernels are counted as the server's child processes (Linux /proc).
+In ``make test``: the cap of :class:`valueloss.viz.server.CappedKernelManager` under concurrent starts (kernel
+starts replaced by a stand-in) and the ``make app`` command's use of the config file. In the slow tier (~10 s):
+Voilà started as ``make app`` starts it (the same config file, loopback only), on a one-cell notebook so that
+each kernel is cheap, with the cap lowered to 2 and the culling timeouts shortened on the command line, under
+a loop of plain GETs; kernels are counted as the server's child processes (Linux /proc).
 """
 
+import asyncio
 import contextlib
 import os
 import re
@@ -21,7 +24,7 @@ import pytest
 pytest.importorskip("voila")
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts kernels in Linux's /proc")
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts kernels in Linux's /proc")
 
 
 def _free_port():
@@ -59,6 +62,38 @@ def test_app_command_uses_the_config_file():
     assert "valueloss.viz.server.CappedKernelManager" in config and '"cull_idle_timeout"' in config
 
 
+def test_the_cap_refuses_the_kernel_beyond_max_kernels_even_when_requests_overlap(monkeypatch):
+    """Five overlapping starts with max_kernels=2: two kernels start, three get HTTP 503; a stopped one frees a slot."""
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+    from tornado.web import HTTPError
+
+    from valueloss.viz.server import CappedKernelManager
+
+    running = []
+
+    async def fake_start(self, *args, **kwargs):  # a kernel takes a while to start, as a real one does
+        await asyncio.sleep(0.05)
+        running.append(f"k{len(running)}")
+        return running[-1]
+
+    monkeypatch.setattr(AsyncMappingKernelManager, "start_kernel", fake_start)
+    monkeypatch.setattr(CappedKernelManager, "list_kernel_ids", lambda self: list(running))
+    manager = CappedKernelManager(max_kernels=2)
+
+    async def five():
+        return await asyncio.gather(*(manager.start_kernel() for _ in range(5)), return_exceptions=True)
+
+    outcomes = asyncio.run(five())
+    assert sorted(o for o in outcomes if isinstance(o, str)) == ["k0", "k1"] and running == ["k0", "k1"]
+    refused = [o for o in outcomes if isinstance(o, HTTPError)]
+    assert len(refused) == 3 and all(o.status_code == 503 and "too many open sessions" in o.log_message
+                                     for o in refused)
+    running.pop()
+    assert asyncio.run(manager.start_kernel()) == "k1"
+
+
+@LINUX_PROC
+@pytest.mark.slow
 def test_kernel_cap_holds_under_a_loop_of_gets_and_idle_kernels_are_culled(tmp_path):
     """Six GETs: two kernels start, the other four get HTTP 503; once culled, no kernel is left and a GET works."""
     notebook = tmp_path / "tiny.ipynb"

@@ -367,7 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "figure":
-        _draw_figure(args.results, args.out)
+        try:
+            _draw_figure(args.results, args.out)
+        except (OSError, ValueError, KeyError) as error:  # a missing or malformed results file, an unwritable image
+            message = " ".join(str(error).splitlines()) or type(error).__name__
+            print(f"python -m valueloss.experiments figure: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
         return {"figure": str(args.out)}
     if args.num_seeds < 1:
         raise SystemExit(f"--num-seeds must be >= 1; got {args.num_seeds}")
