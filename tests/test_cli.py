@@ -7,6 +7,8 @@ entry point itself, of what gets imported and of the documented example run ``py
 import contextlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +191,15 @@ def test_docs_example_is_the_commands_output():
     out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
                          cwd=root, timeout=300)
     assert out.returncode == 0 and out.stdout == block
+
+
+def test_names_that_are_not_utf8(tmp_path):
+    """A batch path that is not UTF-8 is printed escaped (\\xff); a --plot name that is not UTF-8 exits 2, one line."""
+    path = tmp_path / os.fsdecode(b"s\xff.npz")
+    shutil.copy(SAMPLE, path)
+    out = run("inspect", path, "--top", "1")
+    assert out.returncode == 0 and "s\\xff.npz" in out.stdout
+    out.stdout.encode("utf-8")  # printable to any UTF-8 stream: no lone surrogate left
+    out = run("inspect", SAMPLE, "--plot", tmp_path / os.fsdecode(b"p\xfe.png"))
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
+    assert "the name is not valid UTF-8" in out.stderr and not list(tmp_path.glob("p*"))
