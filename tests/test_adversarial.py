@@ -171,3 +171,28 @@ def test_the_zero_rows_bomb_in_a_real_process(tmp_path):
 def test_every_case_in_a_real_process(tmp_path, name):
     """Every case through `python -m valueloss inspect`: exit code 2 (0 for the ignored bomb), under 1 GB and 30 s."""
     _check_in_a_process(tmp_path, name)
+
+
+def test_zip64_end_records_are_read_as_zipfile_reads_them(monkeypatch):
+    """A genuine zip64 .npz loads; the same file with a 1 TB directory in its zip64 end record is refused unread."""
+    import struct
+    import zipfile
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)  # makes zipfile write the zip64 end records
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for key in ("values", "old_values", "returns"):
+            member = io.BytesIO()
+            np.save(member, np.full((2, 3), 0.5))
+            archive.writestr(f"{key}.npy", member.getvalue())
+    monkeypatch.undo()
+    data = buffer.getvalue()
+    locator = data.rindex(b"PK\x06\x07")
+    assert data[locator - 56:locator - 52] == b"PK\x06\x06"
+    assert load_batch_bytes(data, "zip64.npz").values.shape == (2, 3)
+    record = locator - 56
+    lying = data[:record + 40] + struct.pack("<Q", 2**40) + data[record + 48:]
+    with pytest.raises(BatchError, match="its zip directory takes 1099511627776 bytes"):
+        load_batch_bytes(lying, "zip64.npz")

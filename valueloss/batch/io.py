@@ -299,14 +299,18 @@ def _zip_directory_size(file: BinaryIO, size: int, source: str, kind: str) -> No
     (directory,) = struct.unpack("<I", tail[position + 12:position + 16])
     locator = tail[position - 20:position] if position >= 20 else b""
     if locator[:4] == b"PK\x06\x07":
-        (record_offset,) = struct.unpack("<Q", locator[8:16])
-        if record_offset + 56 > size:
-            raise BatchError(f"{source}: {kind} (a broken zip64 directory)")
-        file.seek(record_offset)
-        record = file.read(56)
-        if record[:4] != b"PK\x06\x06":
-            raise BatchError(f"{source}: {kind} (a broken zip64 directory)")
-        (directory,) = struct.unpack("<Q", record[40:48])
+        # The zip64 record: zipfile reads the one just before the locator; the locator also names an offset.
+        # Both are checked, and the largest directory size counts.
+        end_record = size - tail_length + position
+        (named,) = struct.unpack("<Q", locator[8:16])
+        for offset in {end_record - 20 - 56, named}:
+            if not 0 <= offset <= size - 56:
+                raise BatchError(f"{source}: {kind} (a broken zip64 directory)")
+            file.seek(offset)
+            record = file.read(56)
+            if record[:4] != b"PK\x06\x06":
+                raise BatchError(f"{source}: {kind} (a broken zip64 directory)")
+            directory = max(directory, struct.unpack("<Q", record[40:48])[0])
     if directory > MAX_DIRECTORY:
         raise BatchError(
             f"{source}: its zip directory takes {directory} bytes (more than {MAX_DIRECTORY}): far more members "
