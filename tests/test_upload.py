@@ -116,9 +116,12 @@ def test_any_failure_is_shown_in_words(monkeypatch):
 
 def test_uploads_over_the_explorers_limits_are_refused():
     """An upload larger than max_bytes, or with more sequences than max_sequences, is refused in the status line."""
+    from valueloss.batch import Limits
+
     explorer = batch_upload_explorer(max_bytes=1000)
+    assert explorer.limits == Limits(1000, 2**20, 2048)
     explorer.upload.value = _upload_value("big.npz", bytes(2000))
     assert "the file has 2000 bytes, more than this explorer's limit of 1000" in explorer.status.value
-    explorer = batch_upload_explorer(max_sequences=4)
+    explorer.limits = Limits(max_sequences=4)
     explorer.upload.value = _upload_value("rows.npz", _npz_bytes(synthetic_batch(seed=1, batch_size=5, max_len=6)))
     assert "5 sequences, more than the limit of 4" in explorer.status.value
