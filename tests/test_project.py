@@ -213,7 +213,7 @@ def test_import_loads_only_the_core():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == [
         "[]",
-        "['Region', 'ValueLoss', 'ValueLossDiagnostics', '__version__', 'diagnose', 'functional']",
+        "['Recorder', 'Region', 'ValueLoss', 'ValueLossDiagnostics', '__version__', 'diagnose', 'functional']",
     ]
 
 
