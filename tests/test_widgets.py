@@ -80,8 +80,7 @@ def test_loss_curve_explorer_each_control_moves_the_curves(loss_explorer, name, 
     assert art["old_value"].get_xdata()[0] == pytest.approx(old)
     assert art["return"].get_xdata()[0] == pytest.approx(ret)
     assert art["grad_return"].get_xdata()[0] == pytest.approx(ret)
-    shown = " ".join(text.get_text() for text in loss_explorer.figure.texts)
-    assert f"clip_eps = {eps:.2f}, old_value = {old:.2f}, return = {ret:.2f}" in shown
+    assert f"clip_eps = {eps:.2f}, old_value = {old:.2f}, return = {ret:.2f}" in loss_explorer.caption.value
     assert not np.array_equal(before, pixels(loss_explorer)), "the canvas pixels did not change"
 
 
@@ -116,8 +115,7 @@ def test_surface_explorer_controls_update_images():
             assert art["clipped_band_high"].get_xdata()[0] == pytest.approx(eps)
             # unclipped and clipped panels share one colour scale
             assert art["unclipped"].get_clim() == art["clipped"].get_clim()
-            shown = " ".join(text.get_text() for text in explorer.figure.texts)
-            assert f"clip_eps = {eps:.2f}, extent = {extent:.2f}" in shown
+            assert f"clip_eps = {eps:.2f}, extent = {extent:.2f}" in explorer.caption.value
             assert not np.array_equal(before, pixels(explorer))
     finally:
         explorer.close()
@@ -157,7 +155,7 @@ def test_image_fallback_rerenders_png():
         assert png.startswith(b"\x89PNG")
         explorer.controls["clip_eps"].value = 0.7
         assert bytes(explorer.image.value) != png
-        assert "Static view" in explorer.widget.children[1].children[0].value
+        assert "Static view" in explorer.widget.children[2].children[0].value
     finally:
         explorer.close()
 

@@ -75,7 +75,7 @@ def test_every_control_and_figure_renders(app, artifacts):
         box = canvas.bounding_box()
         assert box["width"] > 400 and box["height"] > 250, (panel, box)
         assert inked_fraction(canvas.screenshot()) > 0.05, f"{panel} figure looks blank"
-        note = page.locator(f".valueloss-panel-{panel} .widget-html")
+        note = page.locator(f".valueloss-panel-{panel} .valueloss-note")
         assert note.is_visible() and len(note.inner_text()) > 100, panel
     assert controls.is_visible()
     assert page.get_by_text("app.dashboard()").count() == 0, "the app shows code"

@@ -122,8 +122,11 @@ class Dashboard:
         for explorer in self.explorers.values():
             for control in explorer.controls.values():
                 control.layout.display = "none"  # driven by the shared controls
+            explorer.caption.layout.display = "none"  # the notes beside the figures say the settings
         self.controls = {name: _shared_slider(name, start[name]) for name in CONTROL_RANGES}
         self.notes = {name: ipywidgets.HTML() for name in self.explorers}
+        for note in self.notes.values():
+            note.add_class("valueloss-note")
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
         self._write_notes()
