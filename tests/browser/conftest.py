@@ -377,18 +377,20 @@ def page(browser_context, request):
 # Hashing a 1100x480 canvas costs 10-30 ms of the page's main thread here, the thread that also receives
 # and paints the figures: a watcher that hashed every animation frame slowed the page it measured by about
 # 3x (issue 22). So every canvas drawing call marks its canvas as touched, and the watchers hash a figure
-# only in frames after something drew on it (or an image's source changed): the signature stays exact,
-# and a quiet page costs nothing to watch.
+# only in frames after something drew on one of its canvases (or an image's source changed): the signature
+# stays exact, and a quiet figure costs nothing to watch.
 _JS_HELPERS = """
 () => {
   if (window.__vl) return;
-  let touched = 0;  // bumped by every drawing call on any 2D canvas of the page
+  // Every drawing call on a 2D canvas bumps that canvas's counter.
   const proto = CanvasRenderingContext2D.prototype;
   for (const name of ['drawImage', 'putImageData', 'fill', 'stroke', 'fillRect', 'clearRect', 'fillText',
                       'strokeText', 'strokeRect']) {
     const original = proto[name];
-    proto[name] = function (...args) { touched++; return original.apply(this, args); };
+    proto[name] = function (...args) { this.canvas.__vlTouched = (this.canvas.__vlTouched || 0) + 1;
+                                       return original.apply(this, args); };
   }
+  const touched = (el) => [...el.querySelectorAll('canvas')].reduce((n, c) => n + (c.__vlTouched || 0), 0);
   const signature = (el) => {
     let h = -2128831035;
     for (const c of el.querySelectorAll('canvas')) {
@@ -405,12 +407,12 @@ _JS_HELPERS = """
   const sources = (el) => [...el.querySelectorAll('img')].map(i => i.currentSrc || i.src).join('|');
   // Calls onFrame(now, signature) once per animation frame in which el may have changed, until it returns true.
   const follow = (el, onFrame) => {
-    let seen = touched, src = sources(el);
+    let seen = touched(el), src = sources(el);
     const tick = () => {
       const now = performance.now();
-      const s = sources(el);
-      if (touched !== seen || s !== src) {
-        seen = touched; src = s;
+      const s = sources(el), t = touched(el);
+      if (t !== seen || s !== src) {
+        seen = t; src = s;
         if (onFrame(now, signature(el))) return;
       } else if (onFrame(now, null)) return;
       requestAnimationFrame(tick);
