@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import token_grad, token_loss, token_region  # noqa: E402
 
-from valueloss.viz import widgets  # noqa: E402
+from valueloss.viz import plotting, widgets  # noqa: E402
 
 
 def _per_token(fn, *arrays, **kwargs):
@@ -227,3 +227,81 @@ def test_ipympl_canvas_sends_png_before_a_front_end_attaches():
             Image.open(io.BytesIO(bytes(data))).verify()  # raises unless a valid PNG
     finally:
         explorer.close()
+
+
+def _artist_data(artist):
+    """What an artist shows, as arrays: line points, rectangle corners, image values and extent, arrows."""
+    from matplotlib.image import AxesImage
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+    from matplotlib.quiver import Quiver
+
+    if isinstance(artist, Line2D):
+        return [np.asarray(artist.get_xydata(), dtype=float)]
+    if isinstance(artist, Rectangle):
+        return [np.array([artist.get_x(), artist.get_y(), artist.get_width(), artist.get_height()])]
+    if isinstance(artist, AxesImage):
+        return [np.asarray(artist.get_array(), dtype=float), np.asarray(artist.get_extent(), dtype=float),
+                np.asarray(artist.get_clim(), dtype=float)]
+    if isinstance(artist, Quiver):
+        return [np.asarray(a, dtype=float) for a in (artist.X, artist.Y, artist.U, artist.V)]
+    raise TypeError(f"no comparison for {type(artist).__name__}")
+
+
+def _assert_same_artists(live_ax, static_ax, prefixes):
+    """Every artist the plotting functions drew (gid under ``prefixes``) is in the live figure with equal data."""
+    gids = [a.get_gid() for a in static_ax.get_children() if (a.get_gid() or "").startswith(prefixes)]
+    assert len(gids) >= 4, gids
+    for gid in gids:
+        live, static = plotting.find_artist(live_ax, gid), plotting.find_artist(static_ax, gid)
+        for got, want in zip(_artist_data(live), _artist_data(static), strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=gid)
+
+
+def _static_axes(n):
+    from matplotlib.figure import Figure
+
+    return Figure().subplots(1, n, squeeze=False)[0]
+
+
+def test_live_figures_draw_what_the_plotting_functions_draw():
+    """After slider moves, each explorer's artists hold the data of a static figure drawn by valueloss.viz.plotting."""
+    loss = widgets.LossCurveExplorer(backend="agg", num=101)
+    surface = widgets.SurfaceExplorer(backend="agg", num=48)
+    grad = widgets.GradientExplorer(backend="agg", num=48, arrows=7)
+    try:
+        for explorer, moves in ((loss, {"clip_eps": 0.35, "old_value": -0.4, "return": 1.3}),
+                                (surface, {"clip_eps": 0.45, "extent": 1.75}),
+                                (grad, {"clip_eps": 0.15, "extent": 2.0, "return": -0.8})):
+            for name, value in moves.items():
+                explorer.controls[name].value = value
+
+        p = loss.params
+        curve = dict(clip_eps=p["clip_eps"], old_value=p["old_value"], return_=p["return"], value_range=(-2.5, 2.5),
+                     num=101)
+        ax_loss, ax_grad = _static_axes(2)
+        plotting.loss_curve(ax_loss, **curve)
+        plotting.gradient_curve(ax_grad, **curve)
+        _assert_same_artists(loss.axes["loss"], ax_loss, ("valueloss.loss_curve.",))
+        _assert_same_artists(loss.axes["gradient"], ax_grad, ("valueloss.gradient_curve.",))
+
+        p = surface.params
+        top = plotting.surface_data(clip_eps=0.0, extent=p["extent"], num=48, parts=("difference",))["difference"].max()
+        both = plotting.surface_data(clip_eps=p["clip_eps"], extent=p["extent"], num=48, parts=("clipped", "unclipped"))
+        vmax = {"unclipped": max(both["unclipped"].max(), both["clipped"].max()), "difference": float(top)}
+        vmax["clipped"] = vmax["unclipped"]
+        for kind, ax in zip(surface.kinds, _static_axes(3), strict=True):
+            plotting.loss_surface(ax, kind=kind, clip_eps=p["clip_eps"], extent=p["extent"], num=48, vmax=vmax[kind])
+            _assert_same_artists(surface.axes[kind], ax, ("valueloss.loss_surface.",))
+
+        p = grad.params
+        ax_map, ax_slice = _static_axes(2)
+        plotting.region_map(ax_map, clip_eps=p["clip_eps"], extent=p["extent"], num=48)
+        plotting.gradient_field(ax_map, clip_eps=p["clip_eps"], extent=p["extent"], num=7)
+        plotting.gradient_curve(ax_slice, clip_eps=p["clip_eps"], old_value=0.0, return_=p["return"],
+                                value_range=(-p["extent"], p["extent"]))
+        _assert_same_artists(grad.axes["regions"], ax_map, ("valueloss.region_map.", "valueloss.gradient_field."))
+        _assert_same_artists(grad.axes["gradient"], ax_slice, ("valueloss.gradient_curve.",))
+    finally:
+        for explorer in (loss, surface, grad):
+            explorer.close()

@@ -578,10 +578,12 @@ class WidgetDriver:
         while time.monotonic() < deadline:  # quiet = no frame for `quiet` s (asked of the page: no hashing here)
             time.sleep(0.1)
             idle = self.page.evaluate("""() => { const r = window.__vl.recording;
-                return performance.now() - Math.max(r.keys[r.keys.length - 1], ...r.frames.map(f => f[f.length - 1][0])); }""")
+                const last = Math.max(r.keys[r.keys.length - 1], ...r.frames.map(f => f[f.length - 1][0]));
+                return performance.now() - last; }""")
             if idle >= quiet * 1000:
                 break
-        rec = self.page.evaluate("() => { const r = window.__vl.recording; r.stop(); return {keys: r.keys, frames: r.frames}; }")
+        rec = self.page.evaluate(
+            "() => { const r = window.__vl.recording; r.stop(); return {keys: r.keys, frames: r.frames}; }")
         first, last = rec["keys"][0], rec["keys"][-1]
         result = {"rate": (presses - 1) / sent if sent > 0 else float("inf"), "keys": len(rec["keys"]),
                   "settle_ms": [], "during": [], "after": [], "replayed": []}
@@ -649,7 +651,8 @@ def record_drag(what: str, result: dict, names: list[str]) -> None:
         settle = result["settle_ms"][i]
         line = (f"{what}, drag ({result['keys']} keys at {result['rate']:.0f}/s) -> {name}: final picture "
                 f"{'never' if settle is None else f'{settle:.0f} ms'} after the last key; frames during the drag "
-                f"{result['during'][i]}, after it {result['after'][i]}, replayed after the final one {result['replayed'][i]}")
+                f"{result['during'][i]}, after it {result['after'][i]}, "
+                f"replayed after the final one {result['replayed'][i]}")
         DRAGS.append(line)
         print(line)
 
@@ -681,7 +684,8 @@ def check_fits(page, figures, container: str) -> list[dict]:
         assert outer["x"] - 1 <= box["x"] and box["x"] + box["width"] <= outer["x"] + outer["width"] + 1, (
             f"figure {box} cut off by the {container} {outer}")
         boxes.append(box)
-    wide = page.evaluate("""() => [...document.querySelectorAll('.jp-OutputArea-output, .jp-Notebook, .jp-WindowedPanel-outer')]
+    wide = page.evaluate("""() => [...document.querySelectorAll(
+          '.jp-OutputArea-output, .jp-Notebook, .jp-WindowedPanel-outer')]
         .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1).map(e => e.className)""")
     assert wide == [], f"these scroll sideways at {WINDOW}: {wide}"
     return boxes
@@ -692,7 +696,8 @@ def goals():
     """The goals, ceiling factor, window size and ``fits(page, figures, container)`` check of issue 22."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(ms=GOALS_MS, ceiling=CEILING, window=WINDOW, fits=check_fits, first_paints=record_first_paints)
+    return SimpleNamespace(ms=GOALS_MS, ceiling=CEILING, window=WINDOW, fits=check_fits,
+                           first_paints=record_first_paints)
 
 
 @pytest.fixture(scope="session")
@@ -742,7 +747,11 @@ _FIRST_PAINTS = """
     cells.forEach((cell, index) => {
       const prompt = (cell.querySelector('.jp-InputArea-prompt') || {}).textContent || '';
       let entry = byCell.get(cell);
-      if (!entry) { if (!prompt.includes('*')) return; entry = { cell: index, done: null, paint: null }; byCell.set(cell, entry); }
+      if (!entry) {
+        if (!prompt.includes('*')) return;
+        entry = { cell: index, done: null, paint: null };
+        byCell.set(cell, entry);
+      }
       if (entry.done === null && /\\[\\d+\\]/.test(prompt)) entry.done = now;
       const canvases = [...cell.querySelectorAll('.jupyter-matplotlib-canvas-div')].map(d => d.querySelector('canvas'));
       const inked = (canvas) => {

@@ -50,7 +50,8 @@ def test_explorer_redraws_in_jupyterlab(notebook, lab, page, widgets, served_roo
     assert paints and all(p["paint"] is not None and p["done"] is not None for p in paints), paints
     first_paint = goals.first_paints(f"JupyterLab {stem}", paints)
     assert max(first_paint) <= goals.ceiling * goals.ms["first paint"], paints
-    boxes = goals.fits(page, [canvases.nth(i) for i in range(canvases.count())], ".jp-NotebookPanel:not(.lm-mod-hidden)")
+    figures = [canvases.nth(i) for i in range(canvases.count())]
+    boxes = goals.fits(page, figures, ".jp-NotebookPanel:not(.lm-mod-hidden)")
 
     outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-canvas-div"))
     explorer = outputs.filter(has=widgets.slider(page, "clip_eps")).first
