@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -17,6 +18,7 @@ from valueloss.experiments.explorer import ToyCriticExplorer
 
 TINY_PPO = dict(total_timesteps=128, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2, hidden=16)
 TINY_TOY = dict(num_iterations=6, update_epochs=2, num_samples=64, hidden=16)
+SHIPPED_PPO = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "ppo_cartpole.json"
 
 
 # ---------------------------------------------------------------------------------------------- toy critic
@@ -165,6 +167,29 @@ def test_ppo_value_clipping_switch_reaches_the_loss():
     assert tight["value_clip_fraction"][-1] > 0.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("value_clip_eps, reward_scaling", [(None, False), (0.2, False), (None, True), (0.2, True)])
+def test_ppo_reproduces_a_shipped_run(value_clip_eps, reward_scaling):
+    """run_ppo with a shipped run's configuration and seed gives notebook 06's stored numbers (~2 min per run)."""
+    shipped = json.loads(SHIPPED_PPO.read_text())["runs"]
+    run = next(r for r in shipped if (r["config"]["value_clip_eps"], r["config"]["reward_scaling"])
+               == (value_clip_eps, reward_scaling))
+    fresh = ppo.run_ppo(ppo.PPOConfig(**run["config"]), seed=run["seed"])
+    for key in ppo.CURVE_KEYS:
+        assert [cli._round(x) for x in fresh[key]] == run["curves"][key], key
+
+
+def test_ppo_update_is_one_readable_update_with_the_value_loss_in_it():
+    """ppo_update, shown in notebook 06, is about 40 lines and holds the value loss, vf_coef, the optimiser step
+    and the gradient-norm clip."""
+    import inspect
+
+    source = inspect.getsource(ppo.ppo_update)
+    assert len(source.splitlines()) <= 50
+    for part in ("ValueLoss(", "vf_coef * value_loss", "clip_grad_norm_", "optimizer.step()"):
+        assert part in source, part
+
+
 def test_ppo_config_errors_name_the_argument():
     """Invalid PPO settings raise ValueError naming the setting."""
     with pytest.raises(ValueError, match="num_minibatches"):
@@ -296,6 +321,24 @@ def test_figures_draw_the_data(tmp_path):
     curves = {"a": {"relative_error": np.array([1.0, 0.5, 0.25])}}
     ax = figures.plot_toy_curves(curves, threshold=0.05)
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1.0, 0.5, 0.25])
+
+
+def test_figures_draw_the_2x2_design_as_colour_and_line_style():
+    """In the PPO figures colour follows value clipping and line style (and marker) follows reward scaling."""
+    runs = [{"config": {"value_clip_eps": clip, "reward_scaling": scaled, "total_timesteps": 2}, "seed": s,
+             "curves": {"global_step": [1.0, 2.0], "episodic_return": [1.0 + s, 2.0 + s]}}
+            for scaled in (True, False) for clip in (0.2, None) for s in range(2)]
+    data = {"command": "x", "runs": runs}
+    ax = figures.plot_learning_curves(data, reps=20)
+    lines = {line.get_label().split(" (n=")[0]: line for line in ax.get_lines()}
+    assert len(lines) == 4
+    for label, line in lines.items():
+        assert line.get_color() == figures.CLIP_COLORS[0 if label.startswith("no clip") else 1], label
+        assert line.get_linestyle() == ("--" if "scaled" in label else "-"), label
+    ax = figures.plot_final_scores(data, reps=20)
+    markers = [l.get_marker() for l in ax.get_lines() if l.get_marker() in ("o", "s")]
+    assert markers == ["s", "s", "o", "o"]  # conditions in order: scaled (clip, none), raw (clip, none)
+    assert figures.key_figure(data, reps=20).get_figwidth() <= 11
 
 
 def test_explorer_controls_rerun_the_toy_critic():

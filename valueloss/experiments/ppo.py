@@ -4,7 +4,8 @@ The algorithm follows CleanRL's single-file ``ppo.py`` (vwxyzjn/cleanrl, ``clean
 2026-11-25) and the "37 implementation details of PPO" (Huang et al., ICLR blog track 2022): vectorised
 environments, generalised advantage estimation (GAE, Schulman et al. 2016), the clipped policy ratio,
 per-minibatch advantage normalisation, one Adam optimiser with a linearly annealed learning rate, gradient
-clipping at 0.5, and the value loss from :class:`valueloss.ValueLoss`. Two switches are the subject of
+clipping at 0.5, and the value loss from :class:`valueloss.ValueLoss`. The learning step of an iteration is
+one function, :func:`ppo_update` (about 40 lines, notebook 06 prints it). Two switches are the subject of
 notebook 06:
 
 * ``value_clip_eps``: ``None`` for the plain squared error, a number for ppo2's clipped value loss
@@ -41,7 +42,9 @@ from .._threads import single_thread
 from ..diagnostics import diagnose
 from ..loss import ValueLoss
 
-__all__ = ["PPOConfig", "RunningMeanStd", "RewardScaler", "compute_gae", "run_ppo", "CURVE_KEYS"]
+__all__ = [
+    "PPOConfig", "RolloutBatch", "RunningMeanStd", "RewardScaler", "compute_gae", "ppo_update", "run_ppo", "CURVE_KEYS"
+]
 
 #: Per-iteration quantities returned by :func:`run_ppo` (one entry per PPO iteration).
 CURVE_KEYS = (
@@ -253,6 +256,87 @@ class ActorCritic(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The update: one iteration's learning step, in CleanRL's layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """One iteration's rollout, flattened over (step, env): everything :func:`ppo_update` learns from.
+
+    Args:
+        obs: ``(B, obs_dim)`` observations.
+        actions: ``(B,)`` the actions taken.
+        logprobs: ``(B,)`` their log-probabilities under the policy that collected the rollout.
+        advantages: ``(B,)`` GAE advantages.
+        returns: ``(B,)`` the critic's regression targets (advantages + values).
+        values: ``(B,)`` the critic's values at rollout time: the old values that value clipping clips around.
+    """
+
+    obs: Tensor
+    actions: Tensor
+    logprobs: Tensor
+    advantages: Tensor
+    returns: Tensor
+    values: Tensor
+
+
+def ppo_update(
+    agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: PPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One PPO update, laid out like CleanRL's ``ppo.py`` (Huang et al. 2022): actor and critic learn together.
+
+    ``update_epochs`` passes over shuffled minibatches. Each minibatch gives one loss, policy loss minus
+    ``ent_coef`` x entropy plus ``vf_coef`` x value loss, and one step of the one optimiser over all parameters,
+    after one gradient-norm clip of all of them. Returns the minibatch averages of the update's statistics.
+    """
+    value_loss_fn = ValueLoss(clip_eps=config.value_clip_eps)  # 0.5 * mean (clipped) squared error
+    stats = []
+    for _ in range(config.update_epochs):
+        order = torch.randperm(config.batch_size, generator=generator)
+        for start in range(0, config.batch_size, config.minibatch_size):
+            mb = order[start : start + config.minibatch_size]
+            # Actor: the clipped surrogate objective on the probability ratio new / old
+            policy = agent.policy(batch.obs[mb])
+            new_logprob, entropy = policy.log_prob(batch.actions[mb]), policy.entropy().mean()
+            log_ratio = new_logprob - batch.logprobs[mb]
+            ratio = log_ratio.exp()
+            advantages = batch.advantages[mb]
+            if config.norm_adv:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss_unclipped = -advantages * ratio
+            policy_loss_clipped = -advantages * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)
+            policy_loss = torch.max(policy_loss_unclipped, policy_loss_clipped).mean()
+
+            # Critic: the value loss, clipped around the rollout's values when value_clip_eps is set
+            new_values = agent.value(batch.obs[mb])
+            value_loss = value_loss_fn(new_values, batch.values[mb], batch.returns[mb])
+
+            # One loss, one gradient-norm clip over actor and critic together, one optimiser step
+            loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+            optimizer.step()
+            stats.append(_update_stats(config, batch, mb, new_values, value_loss, ratio, log_ratio, entropy))
+    return {key: sum(row[key] for row in stats) / len(stats) for key in stats[0]}
+
+
+@torch.no_grad()
+def _update_stats(config, batch, mb, new_values, value_loss, ratio, log_ratio, entropy) -> dict[str, float]:
+    """One minibatch's row of the update statistics in :data:`CURVE_KEYS` (logged, never learnt from)."""
+    value_stats = diagnose(new_values, batch.values[mb], batch.returns[mb], clip_eps=config.value_clip_eps)
+    return {
+        "value_loss": value_loss.item(),
+        "value_clip_fraction": value_stats.clip_fraction.item(),
+        "policy_clip_fraction": ((ratio - 1.0).abs() > config.clip_coef).float().mean().item(),
+        "approx_kl": ((ratio - 1.0) - log_ratio).mean().item(),
+        "entropy": entropy.item(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------------
 
@@ -297,7 +381,6 @@ def _train(config: PPOConfig, seed: int, progress: Callable[[int], None] | None)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     agent = ActorCritic(obs_dim, int(envs.single_action_space.n), config.hidden)
     optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
-    value_loss_fn = ValueLoss(clip_eps=config.value_clip_eps)  # 0.5 * mean of the (clipped) squared error
     reward_scaler = RewardScaler(config.num_envs, config.gamma) if config.reward_scaling else None
 
     shape = (config.num_steps, config.num_envs)
@@ -349,42 +432,9 @@ def _train(config: PPOConfig, seed: int, progress: Callable[[int], None] | None)
         b_obs, b_actions, b_logprobs = obs_buffer.reshape(-1, obs_dim), actions.reshape(-1), logprobs.reshape(-1)
         b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values.reshape(-1)
 
-        # 3. Update: update_epochs passes over shuffled minibatches.
-        sums = dict(value_loss=0.0, value_clip_fraction=0.0, policy_clip_fraction=0.0, approx_kl=0.0, entropy=0.0)
-        num_updates = 0
-        for _ in range(config.update_epochs):
-            order = torch.randperm(config.batch_size, generator=generator)
-            for start in range(0, config.batch_size, config.minibatch_size):
-                mb = order[start : start + config.minibatch_size]
-                policy = agent.policy(b_obs[mb])
-                new_logprob, entropy = policy.log_prob(b_actions[mb]), policy.entropy().mean()
-                log_ratio = new_logprob - b_logprobs[mb]
-                ratio = log_ratio.exp()
-
-                mb_advantages = b_advantages[mb]
-                if config.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                policy_loss_unclipped = -mb_advantages * ratio
-                policy_loss_clipped = -mb_advantages * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)
-                policy_loss = torch.max(policy_loss_unclipped, policy_loss_clipped).mean()
-
-                new_values = agent.value(b_obs[mb])
-                value_loss = value_loss_fn(new_values, b_values[mb], b_returns[mb])
-
-                loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
-                optimizer.step()
-
-                with torch.no_grad():
-                    value_stats = diagnose(new_values, b_values[mb], b_returns[mb], clip_eps=config.value_clip_eps)
-                    sums["value_loss"] += value_loss.item()
-                    sums["value_clip_fraction"] += value_stats.clip_fraction.item()
-                    sums["policy_clip_fraction"] += ((ratio - 1.0).abs() > config.clip_coef).float().mean().item()
-                    sums["approx_kl"] += ((ratio - 1.0) - log_ratio).mean().item()
-                    sums["entropy"] += entropy.item()
-                num_updates += 1
+        # 3. Update: the PPO update of CleanRL's ppo.py, written out in ppo_update above.
+        batch = RolloutBatch(b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
+        update_stats = ppo_update(agent, optimizer, batch, config, generator)
 
         # 4. Log one row of every curve.
         rollout_stats = diagnose(b_values, b_values, b_returns)
@@ -392,8 +442,8 @@ def _train(config: PPOConfig, seed: int, progress: Callable[[int], None] | None)
         curves["episodic_return"].append(float(np.mean(finished_returns)) if finished_returns else math.nan)
         curves["explained_variance"].append(rollout_stats.explained_variance.item())
         curves["return_std"].append(b_returns.std().item())
-        for key, total in sums.items():
-            curves[key].append(total / num_updates)
+        for key, average in update_stats.items():
+            curves[key].append(average)
         if progress is not None:
             progress(config.batch_size)
 

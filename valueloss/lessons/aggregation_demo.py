@@ -1,4 +1,4 @@
-"""Ragged batches, figures and a slider explorer for notebook 04 (masks, aggregation, data parallelism).
+"""Ragged batches, figures and a slider explorer for notebooks 04 (masks, aggregation) and 09 (data parallelism).
 
 Imports matplotlib (and ipywidgets inside :func:`explore_normalisation`); ``import valueloss`` does
 not load this module. Plot functions take ``ax=None`` and return the Axes. The math lives in
@@ -323,7 +323,7 @@ class NormalisationExplorer:
 
 
 def explore_normalisation(**kwargs) -> NormalisationExplorer:
-    """Interactive demo of notebook 04: how each normaliser's gradient error moves with spread and splits.
+    """Interactive demo of notebook 09: how each normaliser's gradient error moves with spread and splits.
 
     Keyword arguments are the starting values of :class:`NormalisationExplorer`.
     """

@@ -1,6 +1,6 @@
 """Data parallelism replayed in one process: how far the usual normalisation shortcuts are from the full batch.
 
-The teaching half of :mod:`valueloss.distributed` (notebook 04): :func:`split_batch` cuts a batch the way
+The teaching half of :mod:`valueloss.distributed` (notebook 09): :func:`split_batch` cuts a batch the way
 ranks and micro-batches see it, and :func:`compare_normalisations` measures the error of a mean per
 micro-batch or counts per rank against the exact global counts.
 """

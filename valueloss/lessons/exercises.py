@@ -274,7 +274,7 @@ def _grad_cases() -> list[_Case]:
     cases = [
         _Case(_point(v, o, e, R), (_t([v]), _t([o]), _t([R]), e), _GRAD_HINTS[kind]) for v, o, R, e, kind in rows
     ]
-    # a random batch off the band edges and the exact ties (their conventions are for notebook 03's end)
+    # a random batch off the band edges and the exact ties (their conventions are in notebook 07, section 4.4)
     v, old, R = (torch.arange(28, dtype=_DTYPE).reshape(4, 7) * c % 2.3 - 1.1 for c in (0.37, 0.61, 0.83))
     cases.append(_Case("on a batch of shape (4, 7) with eps=0.2", (v, old, R, 0.2), _GRAD_HINTS["batch"]))
     return cases
@@ -284,8 +284,8 @@ def check_value_grad(value_grad: Callable[[Tensor, Tensor, Tensor, float], Tenso
     """Check ``value_grad(values, old_values, returns, clip_eps)`` (notebook 03), the derivative of the per-token
     loss with respect to ``v``, against :func:`valueloss.functional.elementwise_value_loss_grad`.
 
-    The cases avoid the band edges and exact ties between the branches, whose conventions notebook 03 explains
-    at its end."""
+    The cases avoid the band edges and exact ties between the branches, whose conventions notebook 07
+    explains (section 4.4)."""
     _passed(_run("gradient", value_grad, _grad_cases(),
                  lambda v, o, R, e: F.elementwise_value_loss_grad(v, o, R, clip_eps=e)))
 

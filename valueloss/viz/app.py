@@ -22,9 +22,12 @@ controls (``R - v_old`` is a subtraction) and lays out the explorers of :mod:`va
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 
 import ipywidgets
+import numpy as np
 
 from . import widgets
 
@@ -199,7 +202,27 @@ class Dashboard:
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs)
         bundle["text/plain"] = repr(self)  # stable text where widgets do not render (and for nbval)
+        # A still picture for readers without a running kernel (GitHub, nbviewer); JupyterLab and Voila
+        # prefer the widget and never show it.
+        bundle["image/png"] = base64.b64encode(self.to_png()).decode("ascii")
         return bundle
+
+    def to_png(self, dpi: float = 80) -> bytes:
+        """The three figures at the current settings, one below the other, as one PNG image."""
+        from matplotlib.image import imread, imsave
+
+        images = []
+        for explorer in self.explorers.values():
+            buffer = io.BytesIO()
+            explorer.figure.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+            buffer.seek(0)
+            images.append(imread(buffer)[..., :3])
+        width = max(image.shape[1] for image in images)
+        stacked = np.concatenate([np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)), constant_values=1.0)
+                                  for image in images])
+        out = io.BytesIO()
+        imsave(out, stacked, format="png")
+        return out.getvalue()
 
     def close(self) -> None:
         """Close the shared controls, the notes, the explorers and the layout widgets."""
