@@ -305,3 +305,46 @@ def test_live_figures_draw_what_the_plotting_functions_draw():
     finally:
         for explorer in (loss, surface, grad):
             explorer.close()
+
+
+def test_fast_png_frames_decode_to_the_same_pixels():
+    """The explorers' own PNG encoder (ipympl frames) round-trips through PIL pixel for pixel, transparency too."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1, 4), (7, 41, 4), (440, 840, 4)):
+        rgba = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        rgba[: shape[0] // 2, :, :] = 0  # unchanged pixels of a diff frame: transparent black
+        decoded = np.asarray(Image.open(io.BytesIO(widgets._png(rgba))).convert("RGBA"))
+        np.testing.assert_array_equal(decoded, rgba)
+
+
+def test_ipympl_diff_frames_rebuild_the_canvas_as_the_browser_draws_them():
+    """Diff frames (changed pixels only, cropped to the last changed row and column) overlaid at the top left
+    corner, as ipympl's browser side draws them, give the canvas pixels after each change."""
+    pytest.importorskip("ipympl")
+    import io
+
+    from PIL import Image
+
+    explorer = widgets.LossCurveExplorer(backend="ipympl", num=101)
+    try:
+        shown = pixels(explorer).copy()  # what the browser holds after the first (full) frame
+        frames = []
+        explorer.canvas.send_binary = frames.append
+        sizes = []
+        for name, value in (("clip_eps", 0.6), ("return", -1.2), ("return", -1.2), ("old_value", 1.4)):
+            explorer.controls[name].value = value
+            for data in frames:
+                frame = np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGBA"))
+                h, w, _ = frame.shape
+                sizes.append((h, w))
+                opaque = frame[..., 3] > 0
+                shown[:h, :w][opaque] = frame[opaque]
+            frames.clear()
+            np.testing.assert_array_equal(shown, pixels(explorer))
+        assert any(h < shown.shape[0] for h, _ in sizes), f"no frame was cropped: {sizes}"
+    finally:
+        explorer.close()

@@ -47,6 +47,8 @@ once (constrained layout on the first draw, then frozen). A change costs a few t
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import ipywidgets
 import numpy as np
@@ -607,17 +609,36 @@ def _repair_ipympl_canvas(canvas) -> None:
         canvas._data_url = "data:image/png;base64," + url
 
 
+def _png(rgba: np.ndarray) -> bytes:
+    """``rgba`` (H, W, 4) uint8 as a PNG: no row filter, zlib level 1 (PNG spec, ISO/IEC 15948: IHDR, IDAT, IEND).
+
+    The frames of a slider change are mostly transparent black (unchanged pixels): without PIL's
+    per-row filter search and at zlib's fastest level they encode in 2-4 ms instead of 6-9 ms (PIL,
+    level 1) or 13-24 ms (PIL's default level 6), for the same size within 15%.
+    """
+    height, width, _ = rgba.shape
+    rows = np.zeros((height, 4 * width + 1), dtype=np.uint8)  # a leading 0 per row: filter type "None"
+    rows[:, 1:] = rgba.reshape(height, 4 * width)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8 bits, RGBA, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 1))
+            + chunk(b"IEND", b""))
+
+
 def _encode_frames_fast(canvas) -> None:
-    """Encode the pictures an ipympl canvas sends with zlib level 1 instead of PIL's default level 6.
+    """Encode the pictures an ipympl canvas sends with :func:`_png` instead of PIL at its default level.
 
     On every change ipympl sends the pixels that changed since the last picture (matplotlib's
     ``FigureCanvasWebAggCore.get_diff_image``: the changed pixels, the others transparent black), as
-    PNG. At level 6 the encoding took 13-24 ms a change here, as long as recomputing and repainting
-    the artists; level 1 takes about half, for pictures 1.5x larger (tens of kB, on the loopback).
-    This replaces the instance's ``get_diff_image`` by the same steps (matplotlib 3.11.2,
-    ``backends/backend_webagg_core.py``) with ``compress_level=1``.
+    PNG. PIL's encoding took 13-24 ms a change here, as long as recomputing and repainting the
+    artists. This replaces the instance's ``get_diff_image`` by the same steps (matplotlib 3.11.2,
+    ``backends/backend_webagg_core.py``) with the faster encoder, and sends a diff frame only up to the
+    last changed row and column: the browser draws each frame at the top left corner over the last one
+    (ipympl 0.10.0, ``handle_binary``), so the unchanged rest need not travel.
     """
-    from PIL import Image
 
     def get_diff_image():
         if not canvas._png_is_old:
@@ -629,12 +650,13 @@ def _encode_frames_fast(canvas) -> None:
             output = buff
         else:
             canvas.set_image_mode("diff")
-            output = np.where(buff != canvas._last_buff, buff, 0)
+            changed = buff != canvas._last_buff
+            rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+            bottom, right = (rows[-1] + 1, cols[-1] + 1) if rows.size else (1, 1)
+            output = np.where(changed[:bottom, :right], buff[:bottom, :right], 0)
         canvas._last_buff = buff.copy()
         canvas._force_full = False
         canvas._png_is_old = False
-        with io.BytesIO() as png:
-            Image.fromarray(output.view(np.uint8).reshape((*output.shape, 4))).save(png, format="png", compress_level=1)
-            return png.getvalue()
+        return _png(output.view(np.uint8).reshape((*output.shape, 4)))
 
     canvas.get_diff_image = get_diff_image
