@@ -78,10 +78,11 @@ browser:
 	       "(enable with: sudo apt-get install -y chromium, or CHROMIUM=/path/to/chromium make test)" >&2; \
 	fi
 
+# notebooks/voila.json caps the kernels (one per page view) and culls idle ones: docs/servers.md.
 app: $(STAMP)
 	@echo "valueloss explorer: http://$(HOST):$(APP_PORT)/  (Ctrl-C stops it)"
 	$(BIN)/voila notebooks/explorer.ipynb --no-browser --Voila.ip=$(HOST) --port=$(APP_PORT) \
-	  --strip_sources=True --theme=light
+	  --Voila.config_file_paths=notebooks --strip_sources=True --theme=light
 
 # The README's picture of the app, taken by the Voilà browser test.
 screenshot: $(STAMP) browser

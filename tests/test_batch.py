@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 import valueloss.batch as vi
 from valueloss import diagnose, functional
 from valueloss.batch import report as report_module
+from valueloss.batch.io import PT_MIN_TORCH
 from valueloss.batch.report import HISTOGRAM_EDGES
+
+reads_pt = pytest.mark.skipif(torch.__version__ < PT_MIN_TORCH, reason=f".pt files are refused below torch "
+                              f"{PT_MIN_TORCH} (tests/test_adversarial.py checks the refusal)")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 INSIDE, CLIPPED, UNCLIPPED = 0, 1, 2  # the region codes of reference.token_region
@@ -38,7 +42,7 @@ def _arrays(seed=0, shape=(4, 6)):
 # --------------------------------------------------------------------------- loading
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".npz", ".safetensors"])
+@pytest.mark.parametrize("suffix", [pytest.param(".pt", marks=reads_pt), ".npz", ".safetensors"])
 def test_round_trip_each_format(tmp_path, suffix):
     """A batch saved as .pt, .npz or .safetensors loads back with the same tensors."""
     data = _arrays()
@@ -56,6 +60,7 @@ def test_round_trip_each_format(tmp_path, suffix):
     assert batch.had_mask and batch.dtype == "float32"
 
 
+@reads_pt
 def test_load_batch_bytes_matches_file(tmp_path):
     """Uploaded bytes load like the file they came from."""
     path = tmp_path / "b.pt"
@@ -115,6 +120,7 @@ def test_error_directory(tmp_path):
         vi.load_batch(tmp_path)
 
 
+@reads_pt
 def test_error_garbage_pt(tmp_path):
     """Random bytes in a .pt file: says it does not load with weights_only=True."""
     path = tmp_path / "garbage.pt"
@@ -127,6 +133,7 @@ class _Custom:
     pass
 
 
+@reads_pt
 def test_error_pickled_object_refused_by_weights_only(tmp_path):
     """A .pt holding arbitrary Python objects is refused (never unpickled)."""
     path = _write(tmp_path, "obj.pt", {"values": _Custom()})
@@ -134,6 +141,7 @@ def test_error_pickled_object_refused_by_weights_only(tmp_path):
         vi.load_batch(path)
 
 
+@reads_pt
 def test_error_not_a_mapping(tmp_path):
     """A .pt holding a list (not a dict) says a dict with the keys was expected."""
     path = _write(tmp_path, "list.pt", [torch.zeros(3)])
@@ -584,7 +592,7 @@ def test_sample_clip_fraction_is_realistic():
     assert 0.05 < report.clip_fraction < report.outside_band_fraction
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+@pytest.mark.parametrize("suffix", [".npz", pytest.param(".pt", marks=reads_pt)])
 def test_save_batch_round_trip(tmp_path, suffix):
     """save_batch writes .npz (NumPy) and .pt (torch) that load back bit for bit, and refuses other suffixes."""
     batch = vi.synthetic_batch(seed=1, batch_size=3, max_len=6)

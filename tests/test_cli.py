@@ -7,6 +7,8 @@ entry point itself, of what gets imported and of the documented example run ``py
 import contextlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,10 @@ import pytest
 import torch
 
 from valueloss.batch.cli import build_parser, main
+from valueloss.batch.io import PT_MIN_TORCH
+
+reads_pt = pytest.mark.skipif(torch.__version__ < PT_MIN_TORCH, reason=f".pt files are refused below torch "
+                              f"{PT_MIN_TORCH} (tests/test_adversarial.py checks the refusal)")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "sample_batch.npz"
 
@@ -66,6 +72,7 @@ def test_inspect_without_plot_never_imports_matplotlib():
             == []
 
 
+@reads_pt
 def test_inspect_on_pt_still_works(tmp_path):
     """A .pt copy of the sample (read with torch.load(weights_only=True)) gives the same report as the .npz."""
     path = tmp_path / "sample.pt"
@@ -78,14 +85,33 @@ def test_inspect_on_pt_still_works(tmp_path):
 
 
 def test_json_report_and_plot(tmp_path):
-    """--json prints parseable JSON with the chosen settings; --plot writes a PNG."""
+    """--json prints parseable JSON with the chosen settings and the top 8 sequences; --plot writes a PNG."""
     png = tmp_path / "out.png"
     out = run("inspect", SAMPLE, "--json", "--clip-eps", "0.1", "--mode", "seq-mean-token-mean", "--plot", png)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["clip_eps"] == 0.1 and data["mode"] == "seq-mean-token-mean"
-    assert data["num_tokens"] == 783 and len(data["sequences"]) == 24
+    assert data["num_tokens"] == 783 and data["num_sequences"] == 24 and len(data["sequences"]) == 8
+    fractions = [s["clip_fraction"] for s in data["sequences"]]
+    assert fractions == sorted(fractions, reverse=True)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    every = json.loads(run("inspect", SAMPLE, "--json", "--top", "all").stdout)["sequences"]
+    assert sorted(s["index"] for s in every) == list(range(24))
+    assert len(json.loads(run("inspect", SAMPLE, "--json", "--top", "3").stdout)["sequences"]) == 3
+
+
+def _reject_constants(text):
+    raise ValueError(f"not strict JSON: {text}")
+
+
+def test_json_is_strict_with_null_for_non_finite_numbers(tmp_path):
+    """A batch whose loss overflows to inf prints strict JSON (a parser refusing NaN/Infinity reads it): null."""
+    path = tmp_path / "huge.npz"
+    np.savez(path, values=np.array([1e200, 0.0]), old_values=np.zeros(2), returns=np.array([-1e200, 0.0]))
+    out = run("inspect", path, "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout, parse_constant=_reject_constants)
+    assert data["loss"] is None and data["loss_unclipped"] is None and data["num_tokens"] == 2
 
 
 BAD = {
@@ -100,6 +126,7 @@ BAD = {
 }
 
 
+@reads_pt
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_files_exit_2_with_a_clear_message(tmp_path, case):
     """Each kind of bad file exits with code 2 and says what is wrong on stderr, nothing on stdout."""
@@ -164,3 +191,15 @@ def test_docs_example_is_the_commands_output():
     out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
                          cwd=root, timeout=300)
     assert out.returncode == 0 and out.stdout == block
+
+
+def test_names_that_are_not_utf8(tmp_path):
+    """A batch path that is not UTF-8 is printed escaped (\\xff); a --plot name that is not UTF-8 exits 2, one line."""
+    path = tmp_path / os.fsdecode(b"s\xff.npz")
+    shutil.copy(SAMPLE, path)
+    out = run("inspect", path, "--top", "1")
+    assert out.returncode == 0 and "s\\xff.npz" in out.stdout
+    out.stdout.encode("utf-8")  # printable to any UTF-8 stream: no lone surrogate left
+    out = run("inspect", SAMPLE, "--plot", tmp_path / os.fsdecode(b"p\xfe.png"))
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
+    assert "the name is not valid UTF-8" in out.stderr and not list(tmp_path.glob("p*"))

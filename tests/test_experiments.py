@@ -1,7 +1,15 @@
 """Tests of valueloss.experiments: toy critic, PPO, statistics, CLI, figures and the explorer."""
 
+import contextlib
+import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import matplotlib
@@ -368,3 +376,145 @@ def test_cli_rejects_bad_arguments_and_draws_the_key_figure(tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps({"command": "x", "runs": runs}))
     cli.main(["figure", str(tmp_path / "r.json"), "--out", str(tmp_path / "fig.png")])
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------- cache, locks, orphans
+
+
+def _fake_run_ppo(calls, delay=0.0):
+    """A stand-in for run_ppo: records each (clip, seed) and returns tiny curves."""
+    def run(config, seed, progress=None):
+        calls.append((config.value_clip_eps, seed))
+        time.sleep(delay)
+        return {key: [float(seed), 1.0] for key in ppo.CURVE_KEYS}
+    return run
+
+
+def _grid(tmp_path, **kwargs):
+    config = ppo.PPOConfig(**{k: v for k, v in TINY_PPO.items() if k != "update_epochs"})
+    return cli.run_grid([config], [0], workers=1, cache_dir=tmp_path / "cache", show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("content", ['{"config": 1}', "[1, 2]", '{"curves": {}}', "not json {"])
+def test_a_corrupt_cache_entry_is_named_recomputed_and_overwritten(tmp_path, monkeypatch, content):
+    """A cache file of the wrong structure: a warning naming the file, the run recomputed, the file rewritten."""
+    calls = []
+    monkeypatch.setattr(cli, "run_ppo", _fake_run_ppo(calls))
+    first = _grid(tmp_path)
+    (entry,) = (tmp_path / "cache").glob("ppo-*.json")
+    if content.startswith('{"curves"'):  # the right config and seed, but no curves
+        content = json.dumps({**json.loads(entry.read_text()), "curves": {"episodic_return": "x"}})
+    entry.write_text(content)
+    with pytest.warns(UserWarning, match=f"cache entry {entry} .*; recomputing the run and overwriting it"):
+        again = _grid(tmp_path)
+    assert calls == [(None, 0), (None, 0)] and again[0]["curves"] == first[0]["curves"]
+    assert json.loads(entry.read_text())["curves"] == first[0]["curves"]
+    assert _grid(tmp_path)[0]["cached"] and len(calls) == 2  # the rewritten entry is used
+
+
+def test_a_directory_in_place_of_a_cache_entry_is_computed_without_leftovers(tmp_path, monkeypatch):
+    """A directory where a cache file belongs: a warning, the run computed, no .tmp left, the directory untouched."""
+    calls = []
+    monkeypatch.setattr(cli, "run_ppo", _fake_run_ppo(calls))
+    config = ppo.PPOConfig(**{k: v for k, v in TINY_PPO.items() if k != "update_epochs"})
+    (tmp_path / "cache" / f"{cli.run_key(config, 0)}.json").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="is not a regular file"):
+        runs = _grid(tmp_path)
+    assert calls == [(None, 0)] and runs[0]["curves"]["episodic_return"] == [0.0, 1.0]
+    assert list((tmp_path / "cache").glob("*.tmp")) == []
+    assert (tmp_path / "cache" / f"{cli.run_key(config, 0)}.json").is_dir()
+
+
+def test_a_failed_cache_write_leaves_no_tmp(tmp_path):
+    """If the final rename fails the temporary file is removed and a warning names the entry."""
+    target = tmp_path / "entry.json"
+    target.mkdir()
+    (target / "occupied").write_text("x")  # os.replace onto a non-empty directory fails
+    with pytest.warns(UserWarning, match=f"could not write cache entry {target}"):
+        cli._write_cache(str(target), {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
+
+
+def test_two_concurrent_grids_compute_each_run_once(tmp_path, monkeypatch):
+    """Two grids started together on one cache: the run lock makes every run computed exactly once."""
+    calls = []
+    monkeypatch.setattr(cli, "run_ppo", _fake_run_ppo(calls, delay=0.3))
+    config = ppo.PPOConfig(**{k: v for k, v in TINY_PPO.items() if k != "update_epochs"})
+    configs = [config, dataclasses.replace(config, value_clip_eps=0.2)]
+    outputs = [None, None]
+
+    def grid(slot):
+        outputs[slot] = cli.run_grid(configs, [0, 1], workers=1, cache_dir=tmp_path / "cache", show_progress=False)
+
+    threads = [threading.Thread(target=grid, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(calls, key=str) == sorted({(c.value_clip_eps, s) for c in configs for s in (0, 1)}, key=str)
+    assert [r["curves"] for r in outputs[0]] == [r["curves"] for r in outputs[1]]
+    assert sum(r["cached"] for r in outputs[0] + outputs[1]) == 4
+
+
+def _descendants(pid):
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL of `python -m valueloss.experiments ppo --workers 2`: no worker (nor helper) outlives it by 20 s.
+
+    (A worker still importing torch when the parent dies exits as soon as its initializer runs: seconds.)"""
+    args = [sys.executable, "-m", "valueloss.experiments", "ppo", "--num-seeds", "2", "--total-timesteps", "10000000",
+            "--workers", "2", "--quiet", "--no-cache", "--out", str(tmp_path / "out.json")]
+    parent = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _descendants(parent.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + tracker
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers are past their initializer
+        workers = _descendants(parent.pid)
+        assert len(workers) >= 2, workers
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:  # clean up before failing
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert survivors == [], f"{len(survivors)} of {len(workers)} child processes outlived the killed parent"
+
+
+@pytest.mark.parametrize("content", ["[1]", "not json", '{"command": "x", "runs": [{"config": {}, "seed": 0}]}',
+                                     '{"command": "x", "runs": [{"config": {}, "seed": 0, "curves": {"a": "b"}}]}'])
+def test_a_malformed_results_file_is_named(tmp_path, capsys, content):
+    """load_results names the file and the problem; the figure command exits 2 with that one line."""
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path} is not a valueloss results file: "):
+        results.load_results(path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["figure", str(path), "--out", str(tmp_path / "f.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("python -m valueloss.experiments figure: error: ")
+    assert err.count("\n") == 1 and str(path) in err and not (tmp_path / "f.png").exists()

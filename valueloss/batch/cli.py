@@ -1,7 +1,9 @@
 """The ``valueloss`` command line: ``valueloss inspect BATCH`` reports what clipping does to a saved batch.
 
-Exit codes: 0 success, 2 bad arguments, a file that is not a valid batch or a figure that cannot be
-written (one line on stderr says why; never a traceback). ``--plot`` draws with
+Exit codes: 0 success, 2 bad arguments, a file that is not a valid batch (or over the limits of
+``--max-bytes``, ``--max-tokens``, ``--max-sequences``) or a figure that cannot be written (one line on
+stderr says why; never a traceback). ``--json`` is strict JSON (non-finite numbers are null) and lists
+the ``--top`` sequences only (``--top all``: every one). ``--plot`` draws with
 :func:`valueloss.viz.batch_plot.plot_report`, imported only then: it needs matplotlib (the ``[notebooks]``
 extra), which nothing else here does.
 """
@@ -10,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..functional import AGGREGATION_MODES
-from .io import BatchError, load_batch
+from .io import MAX_BYTES, MAX_SEQUENCES, MAX_TOKENS, BatchError, load_batch
 from .report import format_report, inspect_batch
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PLOT_MAX_SEQUENCES", "build_parser", "main"]
+
+PLOT_MAX_SEQUENCES = 2048
+"""``--plot`` draws a bar per sequence: more than this many take minutes and gigabytes, so they are refused."""
 
 
 def _positive_float(text: str) -> float:
@@ -39,13 +45,30 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def _count(text: str) -> int | None:
+    """``--top``: a whole number >= 0, or ``all`` (None)."""
+    if text.strip().lower() == "all":
+        return None
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'all'; got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'all'; got {text!r}")
+    return value
+
+
+def _limit(text: str) -> int:
+    """A limit: a positive whole number, with an optional suffix K, M or G (powers of 1024)."""
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30}.get(text.strip()[-1:].lower(), 1)
+    digits = text.strip()[:-1] if scale > 1 else text.strip()
+    try:
+        value = int(digits) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number (suffix K, M or G allowed); "
+                                         f"got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text!r}")
     return value
 
 
@@ -73,8 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="clip fractions that bound the suggested clip_eps range (default: 0.05 0.15)",
     )
-    inspect.add_argument("--top", type=_count, default=8, help="sequences listed in the breakdown (default: 8)")
-    inspect.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    inspect.add_argument("--top", type=_count, default=8,
+                         help="sequences listed in the breakdown and the JSON, or 'all' (default: 8)")
+    inspect.add_argument("--json", action="store_true",
+                         help="print the report as strict JSON instead of text (NaN and infinity as null)")
+    limits = inspect.add_argument_group("limits", "checked from the file's headers before its arrays are read")
+    limits.add_argument("--max-bytes", type=_limit, default=MAX_BYTES, metavar="N",
+                        help="bytes of the arrays read, decompressed (and of a .pt file); suffix K, M, G "
+                        "(default: 256M)")
+    limits.add_argument("--max-tokens", type=_limit, default=MAX_TOKENS, metavar="N",
+                        help=f"elements of one array, B x T (default: {MAX_TOKENS})")
+    limits.add_argument("--max-sequences", type=_limit, default=MAX_SEQUENCES, metavar="N",
+                        help=f"sequences B (default: {MAX_SEQUENCES})")
     inspect.add_argument("--plot", metavar="OUT.png", help="also write a PNG figure of the report")
     return parser
 
@@ -100,6 +133,19 @@ def _plot_report():
     return plot_report
 
 
+def _check_plot_path(path: str) -> str | None:
+    """Why ``--plot path`` cannot be written (checked before the batch is read), or None."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        return f"--plot {shown}: the name is not valid UTF-8; choose a UTF-8 file name"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"--plot could not write {path} (FileNotFoundError: no such folder {folder!r})"
+    return None
+
+
 def _inspect(args: argparse.Namespace) -> int:
     low, high = args.target_clip_fraction
     if low > high:
@@ -107,18 +153,27 @@ def _inspect(args: argparse.Namespace) -> int:
     plot_report = _plot_report() if args.plot else None
     if args.plot and plot_report is None:
         return _error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
+    if args.plot and (problem := _check_plot_path(args.plot)):
+        return _error(problem)
     try:
-        batch = load_batch(args.batch)
+        batch = load_batch(args.batch, max_bytes=args.max_bytes, max_tokens=args.max_tokens,
+                           max_sequences=args.max_sequences)
+        if plot_report is not None and batch.values.shape[0] > PLOT_MAX_SEQUENCES:
+            return _error(f"--plot draws a bar per sequence, at most {PLOT_MAX_SEQUENCES}; {batch.source} has "
+                          f"{batch.values.shape[0]} sequences (leave out --plot)")
         report = inspect_batch(batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high))
     except (BatchError, ValueError) as error:
         return _error(str(error))
+    except MemoryError:
+        return _error(f"ran out of memory analysing {os.fsencode(args.batch).decode('utf-8', 'backslashreplace')}; "
+                      "lower --max-tokens or inspect a smaller batch")
     if plot_report is not None:
         try:
             plot_report(report, args.plot)
-        except (OSError, ValueError) as error:  # a missing folder, no permission, a suffix matplotlib cannot write
+        except (OSError, ValueError) as error:  # no permission, a suffix matplotlib cannot write
             return _error(f"--plot could not write {args.plot} ({type(error).__name__}: {error})")
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(top=args.top), indent=2, allow_nan=False))
     else:
         print(format_report(report, top=args.top))
     if args.plot and not args.json:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -177,19 +177,49 @@ class InspectReport:
     had_mask: bool = True
     curve_clip_eps: list[float] = field(default_factory=list, repr=False)
     curve_clip_fraction: list[float] = field(default_factory=list, repr=False)
-    normalized_delta: list[float] = field(default_factory=list, repr=False)
-    """``(values - old_values) / clip_eps`` at unmasked tokens (for plots; not in the JSON)."""
+    normalized_delta: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    """``(values - old_values) / clip_eps`` at unmasked tokens, float64 (for plots; not in the JSON)."""
 
-    def to_dict(self) -> dict[str, object]:
-        """The report as JSON-ready Python values (infinite histogram edges become strings)."""
-        out = asdict(self)
-        out.pop("normalized_delta")
+    def to_dict(self, top: int | None = None) -> dict[str, object]:
+        """The report as strict-JSON-ready Python values.
+
+        ``sequences`` lists every sequence in index order, or with ``top`` only the ``top`` with the highest
+        clip fraction (in that order, as :func:`format_report` lists them). Non-finite numbers become
+        ``None`` (JSON's null), except the infinite histogram edges, which become the strings ``"-inf"``
+        and ``"inf"``; so ``json.dumps(report.to_dict(), allow_nan=False)`` never fails.
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "normalized_delta"}
+        sequences = self.sequences if top is None else _worst(self.sequences, _check_top(top))
+        out["sequences"] = [asdict(s) for s in sequences]
         out["histogram_edges"] = [e if math.isfinite(e) else ("inf" if e > 0 else "-inf") for e in self.histogram_edges]
         out["shape"] = list(self.shape)
         out["suggested_clip_eps"] = list(self.suggested_clip_eps)
         out["target_clip_fraction"] = list(self.target_clip_fraction)
         out["ignored_keys"] = list(self.ignored_keys)
-        return out
+        return _finite_or_none(out)
+
+
+def _finite_or_none(obj: object) -> object:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, through dicts and lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(value) for value in obj]
+    return obj
+
+
+def _check_top(top: object) -> int:
+    if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 0:
+        raise ValueError(f"top must be a non-negative integer (sequences to list); got {top!r}")
+    return int(top)
+
+
+def _worst(sequences: list[SequenceStats], top: int | None) -> list[SequenceStats]:
+    """The ``top`` sequences with the highest clip fraction (ties: lower index first); all with None."""
+    ordered = sorted(sequences, key=lambda s: (-s.clip_fraction, s.index))
+    return ordered if top is None else ordered[:top]
 
 
 def _sequence_stats(clipped: np.ndarray, outside_live: np.ndarray, lengths: np.ndarray) -> list[SequenceStats]:
@@ -303,7 +333,7 @@ def inspect_batch(
         had_mask=batch.had_mask,
         curve_clip_eps=curve_eps.tolist(),
         curve_clip_fraction=curve.tolist(),
-        normalized_delta=normalized.tolist(),
+        normalized_delta=normalized,
     )
 
 
@@ -314,12 +344,12 @@ def _edge(e: float) -> str:
     return "-inf" if e == -math.inf else ("+inf" if e == math.inf else f"{e:+.1f}")
 
 
-def format_report(report: InspectReport, *, top: int = 8) -> str:
-    """The human-readable report printed by ``valueloss inspect`` (``top`` sequences listed)."""
+def format_report(report: InspectReport, *, top: int | None = 8) -> str:
+    """The human-readable report printed by ``valueloss inspect`` (``top`` sequences listed; None: all)."""
     if not isinstance(report, InspectReport):
         raise TypeError(f"report must be an InspectReport (from inspect_batch); got {type(report).__name__}")
-    if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 0:
-        raise ValueError(f"top must be a non-negative integer (sequences to list); got {top!r}")
+    if top is not None:
+        top = _check_top(top)
     lines = []
     add = lines.append
     add(f"valueloss inspect: {report.source}")
@@ -354,7 +384,7 @@ def format_report(report: InspectReport, *, top: int = 8) -> str:
     add("  clip fraction by position in the response (each tenth, start -> end):")
     add("    " + " ".join(f"{100 * x:5.1f}" for x in report.clip_fraction_by_position) + "  (%)")
     add("")
-    worst = sorted(report.sequences, key=lambda s: (-s.clip_fraction, s.index))[:top]
+    worst = _worst(report.sequences, top)
     add(f"  where gradients die (top {len(worst)} of {report.num_sequences} sequences by clip fraction):")
     add("    seq  tokens  clipped  outside-live  clip%  first clipped at")
     for s in worst:

@@ -9,12 +9,19 @@ Every (configuration, seed) run is saved in a cache directory under a key made f
 configuration, the seed and a format version, so re-running the same command (or a larger grid that
 contains it) reuses the finished runs. Each worker process uses one torch thread; a run's numbers depend
 only on its configuration and seed, not on the number of workers or the order in which runs finish.
+
+A cached file is checked before it is used: one of the wrong structure is reported (a warning naming the
+file), recomputed and overwritten. Each run is computed under a lock on ``<key>.json.lock`` (``fcntl.flock``),
+so two grids running at once never compute the same run twice: the second waits and then reads the
+first's result. Worker processes exit when the command dies, even by ``SIGKILL`` (Linux's
+``PR_SET_PDEATHSIG``, and everywhere a watchdog thread that polls the parent's pid).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -27,9 +34,16 @@ import platform
 import queue
 import shlex
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: runs are not locked
+    fcntl = None
 
 import torch
 from tqdm.auto import tqdm
@@ -67,28 +81,129 @@ def _round(x: float) -> float | None:
     return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
 
 
-def _run_one(config_dict: dict, seed: int, cache_file: str | None, progress_queue: Any = None) -> dict:
-    """Worker: one PPO run on one torch thread, saved to ``cache_file`` (atomically) when given."""
-    report = None if progress_queue is None else progress_queue.put
-    with single_thread():
-        curves = run_ppo(PPOConfig(**config_dict), seed, progress=report)
-    if cache_file is not None:
-        tmp = f"{cache_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"config": config_dict, "seed": seed, "curves": curves}, f)
-        os.replace(tmp, cache_file)
-    return curves
+def _valid_curves(entry: object, config: PPOConfig, seed: int) -> tuple[dict | None, str]:
+    """The curves of a cache entry, or None and the reason it is not a valid entry of this run."""
+    if not isinstance(entry, dict):
+        return None, f"holds a JSON {type(entry).__name__}, expected an object"
+    if entry.get("config") != config.to_dict() or entry.get("seed") != seed:
+        return None, "holds another configuration or seed"
+    curves = entry.get("curves")
+    if not isinstance(curves, dict):
+        return None, "has no 'curves' object"
+    lengths = set()
+    for key in CURVE_KEYS:
+        curve = curves.get(key)
+        if not isinstance(curve, list) or not all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in curve
+        ):
+            return None, f"curve {key!r} is missing or not a list of numbers"
+        lengths.add(len(curve))
+    if len(lengths) != 1:
+        return None, f"its curves have different lengths {sorted(lengths)}"
+    return curves, ""
 
 
-def _read_cache(cache_file: Path, config: PPOConfig, seed: int) -> dict | None:
+def _read_cache(cache_file: Path, config: PPOConfig, seed: int) -> tuple[dict | None, bool]:
+    """``(curves or None, writable)``: a missing entry is silent; any other unusable entry is a warning."""
+    if not os.path.lexists(cache_file):
+        return None, True
+    if not cache_file.is_file():
+        warnings.warn(f"cache entry {cache_file} is not a regular file (a directory?); the run is computed "
+                      "but not cached (remove it to cache this run again)", stacklevel=3)
+        return None, False
     try:
         with open(cache_file) as f:
             entry = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if entry.get("config") != config.to_dict() or entry.get("seed") != seed:
-        return None
-    return entry["curves"]
+    except (OSError, ValueError) as error:
+        reason = f"cannot be read as JSON ({type(error).__name__}: {error})"
+    else:
+        curves, reason = _valid_curves(entry, config, seed)
+        if curves is not None:
+            return curves, True
+    warnings.warn(f"cache entry {cache_file} {reason}; recomputing the run and overwriting it", stacklevel=3)
+    return None, True
+
+
+def _write_cache(cache_file: str, entry: dict) -> None:
+    """Write atomically (a temporary file, then rename); on failure warn and leave nothing behind."""
+    tmp = f"{cache_file}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, cache_file)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        warnings.warn(f"could not write cache entry {cache_file} ({type(error).__name__}: {error}); "
+                      "the run is not cached", stacklevel=2)
+
+
+@contextlib.contextmanager
+def _run_lock(cache_file: str | None):
+    """Hold an exclusive ``flock`` on ``cache_file + ".lock"`` (nothing without a cache or without fcntl)."""
+    if cache_file is None or fcntl is None:
+        yield
+        return
+    try:
+        handle = open(f"{cache_file}.lock", "a")  # noqa: SIM115 -- closed below, after the lock is released
+    except OSError as error:
+        warnings.warn(f"could not lock {cache_file} ({error}); running without the lock", stacklevel=3)
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or when the process dies
+        yield
+    finally:
+        handle.close()
+
+
+_WORKER_QUEUE: Any = None
+"""The progress queue of a worker process (set by :func:`_init_worker`)."""
+
+
+def _init_worker(parent_pid: int, progress_queue: Any) -> None:
+    """Runs first in each worker process: the worker dies with its parent, however the parent dies."""
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = progress_queue
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent exits
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="valueloss-watchdog").start()
+
+
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit this process as soon as its parent is gone (it is then re-parented: the pid changes)."""
+    while os.getppid() == parent_pid:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _run_one(config_dict: dict, seed: int, cache_file: str | None, progress_queue: Any = None) -> tuple[dict, bool]:
+    """Worker: one PPO run on one torch thread under the run's lock; ``(curves, read_from_cache)``.
+
+    After the lock is taken the cache is read again: a concurrent grid may have finished this run meanwhile.
+    """
+    progress_queue = _WORKER_QUEUE if progress_queue is None else progress_queue
+    report = None if progress_queue is None else progress_queue.put
+    config = PPOConfig(**config_dict)
+    with _run_lock(cache_file):
+        if cache_file is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the parent has warned about this entry already
+                curves, _ = _read_cache(Path(cache_file), config, seed)
+            if curves is not None:
+                return curves, True
+        with single_thread():
+            curves = run_ppo(config, seed, progress=report)
+        if cache_file is not None:
+            _write_cache(cache_file, {"config": config_dict, "seed": seed, "curves": curves})
+    return curves, False
 
 
 def run_grid(
@@ -121,7 +236,9 @@ def run_grid(
     todo = []
     for index, (config, seed) in enumerate(grid):
         cache_file = None if cache_dir is None else cache_dir / f"{run_key(config, seed)}.json"
-        curves = None if cache_file is None else _read_cache(cache_file, config, seed)
+        curves, writable = (None, False) if cache_file is None else _read_cache(cache_file, config, seed)
+        if not writable:
+            cache_file = None
         if curves is not None:
             results[index] = {"config": config.to_dict(), "seed": seed, "curves": curves, "cached": True}
         else:
@@ -131,20 +248,23 @@ def run_grid(
     step_bar = tqdm(total=total_steps, desc="env steps", unit="step", unit_scale=True, disable=not show_progress)
     run_bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="runs", unit="run", disable=not show_progress)
 
-    def finish(index: int, config: PPOConfig, seed: int, curves: dict) -> None:
-        results[index] = {"config": config.to_dict(), "seed": seed, "curves": curves, "cached": False}
+    def finish(index: int, config: PPOConfig, seed: int, outcome: tuple[dict, bool]) -> None:
+        curves, cached = outcome
+        results[index] = {"config": config.to_dict(), "seed": seed, "curves": curves, "cached": cached}
         run_bar.update(1)
 
     if workers == 1 or len(todo) <= 1:
         for index, config, seed, cache_file in todo:
-            curves = _run_one(config.to_dict(), seed, cache_file, _BarQueue(step_bar))
-            finish(index, config, seed, curves)
+            finish(index, config, seed, _run_one(config.to_dict(), seed, cache_file, _BarQueue(step_bar)))
     else:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-        with context.Manager() as manager, futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            progress_queue = manager.Queue()
+        # A fresh interpreter per worker (no forked torch state); no Manager process (it would outlive a killed
+        # parent): the queue reaches the workers through their initializer, which also ties them to this process.
+        context = multiprocessing.get_context("spawn")
+        progress_queue = context.Queue()
+        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                         initargs=(os.getpid(), progress_queue)) as pool:
             pending = {
-                pool.submit(_run_one, config.to_dict(), seed, cache_file, progress_queue): (index, config, seed)
+                pool.submit(_run_one, config.to_dict(), seed, cache_file): (index, config, seed)
                 for index, config, seed, cache_file in todo
             }
             while pending:
@@ -152,7 +272,9 @@ def run_grid(
                 _drain(progress_queue, step_bar)
                 for future in done:
                     finish(*pending.pop(future), future.result())
-            _drain(progress_queue, step_bar)
+        _drain(progress_queue, step_bar)  # what the workers flushed while shutting down
+        progress_queue.close()
+        progress_queue.join_thread()
     step_bar.close()
     run_bar.close()
     return results  # type: ignore[return-value]
@@ -245,7 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "figure":
-        _draw_figure(args.results, args.out)
+        try:
+            _draw_figure(args.results, args.out)
+        except (OSError, ValueError, KeyError) as error:  # a missing or malformed results file, an unwritable image
+            message = " ".join(str(error).splitlines()) or type(error).__name__
+            print(f"python -m valueloss.experiments figure: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
         return {"figure": str(args.out)}
     if args.num_seeds < 1:
         raise SystemExit(f"--num-seeds must be >= 1; got {args.num_seeds}")

@@ -15,13 +15,48 @@ __all__ = ["load_results", "condition_label", "runs_by_condition", "curve_matrix
 
 
 def load_results(path: os.PathLike | str) -> dict:
-    """Read a results file; curves keep ``None`` where a value was missing (e.g. before the first episode)."""
-    with open(path) as f:
-        results = json.load(f)
+    """Read a results file; curves keep ``None`` where a value was missing (e.g. before the first episode).
+
+    Raises ValueError naming the file when it is not JSON or not of the expected structure (``command``;
+    ``runs``, each with a ``config`` object, a ``seed`` and ``curves`` of lists of numbers or null).
+    """
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a valueloss results file: not text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a valueloss results file: not JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} is not a valueloss results file: a JSON {type(results).__name__}, "
+                         "expected an object")
     for key in ("command", "runs"):
         if key not in results:
             raise ValueError(f"{path} is not a valueloss results file: no {key!r} entry")
+    if not isinstance(results["runs"], list):
+        raise ValueError(f"{path} is not a valueloss results file: 'runs' is not a list")
+    for index, run in enumerate(results["runs"]):
+        problem = _run_problem(run)
+        if problem:
+            raise ValueError(f"{path} is not a valueloss results file: run {index} {problem}")
     return results
+
+
+def _run_problem(run: object) -> str:
+    """What is wrong with one entry of ``runs`` ("" if nothing)."""
+    if not isinstance(run, dict):
+        return f"is a JSON {type(run).__name__}, expected an object"
+    if not isinstance(run.get("config"), dict) or "seed" not in run:
+        return "lacks its 'config' object or its 'seed'"
+    curves = run.get("curves")
+    if not isinstance(curves, dict):
+        return "has no 'curves' object"
+    for key, curve in curves.items():
+        if not isinstance(curve, list) or not all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in curve
+        ):
+            return f"curve {key!r} is not a list of numbers (or null)"
+    return ""
 
 
 def condition_label(config: dict) -> str:

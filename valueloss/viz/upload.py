@@ -4,6 +4,10 @@ The widget code only wires controls to :mod:`valueloss.batch` (which does all th
 :func:`valueloss.viz.batch_plot.plot_report`; the figure is rendered to a PNG (matplotlib's Agg canvas)
 so it shows the same in JupyterLab, in Voila and in exported HTML. ipywidgets and matplotlib are
 imported here, never by ``import valueloss``.
+
+An upload is untrusted: it is read within limits smaller than the command line's (:data:`UPLOAD_LIMITS`,
+raised with the keyword arguments of :func:`batch_upload_explorer`), and every failure, of any kind, is shown
+in the status line in words; the previous batch stays.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from ..batch import (
     Batch,
     BatchError,
     InspectReport,
+    Limits,
     format_report,
     inspect_batch,
     load_batch,
@@ -27,6 +32,8 @@ from .batch_plot import plot_report
 __all__ = ["BatchUploadExplorer", "batch_upload_explorer"]
 
 ACCEPT = ".pt,.pth,.npz,.safetensors"
+UPLOAD_LIMITS = Limits(max_bytes=2**26, max_tokens=2**20, max_sequences=2**11)
+"""The explorer's limits: 64 MiB, about a million tokens, 2048 sequences (its figure draws a bar per sequence)."""
 
 
 def _escape(text: str) -> str:
@@ -42,9 +49,13 @@ class BatchUploadExplorer:
     (the last error or what was loaded), and ``widget`` (the box to display).
     """
 
-    def __init__(self, batch: Batch, *, clip_eps: float = 0.2, mode: str = "token-mean") -> None:
+    def __init__(self, batch: Batch, *, clip_eps: float = 0.2, mode: str = "token-mean",
+                 limits: Limits = UPLOAD_LIMITS) -> None:
         import ipywidgets as w
 
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a valueloss.batch.Limits; got {type(limits).__name__}")
+        self.limits = limits
         self.batch = batch
         self.report: InspectReport | None = None
         self.upload = w.FileUpload(accept=ACCEPT, multiple=False, description="Upload batch")
@@ -75,26 +86,60 @@ class BatchUploadExplorer:
         self.image.value = buffer.getvalue()
 
     def load_bytes(self, data: bytes, filename: str) -> bool:
-        """Analyse an uploaded file; on a bad file keep the previous batch and show the error. Returns success."""
+        """Analyse an uploaded file; on any failure keep the previous batch and show why. Returns success."""
+        shown = _escape(str(filename))
         try:
-            batch = load_batch_bytes(data, filename)
+            size = memoryview(data).nbytes
+            if size > self.limits.max_bytes:
+                raise BatchError(f"the file has {size} bytes, more than this explorer's limit of "
+                                 f"{self.limits.max_bytes} (batch_upload_explorer(max_bytes=...) raises it)")
+            batch = load_batch_bytes(data, filename, max_bytes=self.limits.max_bytes,
+                                     max_tokens=self.limits.max_tokens, max_sequences=self.limits.max_sequences)
         except BatchError as error:
-            self._set_status(f"could not use {_escape(filename)}: {_escape(str(error))}", error=True)
+            self._set_status(f"could not use {shown}: {_escape(str(error))}", error=True)
             return False
+        except MemoryError:
+            self._set_status(f"could not use {shown}: it needs more memory than this kernel has", error=True)
+            return False
+        except Exception as error:  # noqa: BLE001 -- any failure must reach the status line, in words
+            self._set_status(f"could not use {shown}: {_escape(_describe(error))}", error=True)
+            return False
+        previous = self.batch
         self.batch = batch
-        self._set_status(f"showing {_escape(filename)}")
-        self.refresh()
+        if not self._refresh_or_report(f"could not analyse {shown}"):
+            self.batch = previous
+            try:  # back to the previous report; the status line keeps saying why the upload failed
+                self.refresh()
+            except Exception:  # noqa: BLE001, S110 -- the failure above is the one to show
+                pass
+            return False
+        self._set_status(f"showing {shown}")
+        return True
+
+    def _refresh_or_report(self, what: str) -> bool:
+        """:meth:`refresh`; a failure is shown in the status line (with ``what``) instead of raised."""
+        try:
+            self.refresh()
+        except Exception as error:  # noqa: BLE001 -- shown, never lost in a widget callback's log
+            self._set_status(f"{what}: {_escape(_describe(error))}", error=True)
+            return False
         return True
 
     def _on_upload(self, change) -> None:
-        files = change["new"]
-        if not files:
+        try:
+            files = change["new"]
+            if not files:
+                return
+            item = files[0]
+            name, content = item["name"], item["content"]
+        except Exception as error:  # noqa: BLE001
+            self._set_status(f"could not read the upload: {_escape(_describe(error))}", error=True)
             return
-        item = files[0]
-        self.load_bytes(bytes(item["content"]), item["name"])
+        self.load_bytes(content, name)
 
     def _on_setting(self, change) -> None:
-        self.refresh()
+        if self._refresh_or_report("could not recompute the report"):
+            self._set_status(f"showing {_escape(self.batch.source)}")
 
     def _ipython_display_(self) -> None:  # pragma: no cover - exercised in notebooks
         from IPython.display import display
@@ -102,13 +147,25 @@ class BatchUploadExplorer:
         display(self.widget)
 
 
+def _describe(error: BaseException) -> str:
+    """An exception in one line of words: its type and the first line of its message."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def batch_upload_explorer(
-    path: str | os.PathLike | None = None, *, clip_eps: float = 0.2, mode: str = "token-mean"
+    path: str | os.PathLike | None = None, *, clip_eps: float = 0.2, mode: str = "token-mean",
+    max_bytes: int = UPLOAD_LIMITS.max_bytes, max_tokens: int = UPLOAD_LIMITS.max_tokens,
+    max_sequences: int = UPLOAD_LIMITS.max_sequences,
 ) -> BatchUploadExplorer:
     """The explorer of notebook 08, starting on the batch file ``path``.
 
     Without a path it starts on ``synthetic_batch(seed=0)``: the batch shipped as
     ``notebooks/data/sample_batch.npz``, generated here because the package does not ship the notebooks' data.
+    ``max_bytes``, ``max_tokens`` and ``max_sequences`` bound what an upload (and ``path``) may hold
+    (:class:`valueloss.batch.Limits`; defaults :data:`UPLOAD_LIMITS`).
     """
-    batch = load_batch(path) if path is not None else synthetic_batch(seed=0)
-    return BatchUploadExplorer(batch, clip_eps=clip_eps, mode=mode)
+    limits = Limits(max_bytes, max_tokens, max_sequences)
+    batch = load_batch(path, max_bytes=max_bytes, max_tokens=max_tokens, max_sequences=max_sequences) \
+        if path is not None else synthetic_batch(seed=0)
+    return BatchUploadExplorer(batch, clip_eps=clip_eps, mode=mode, limits=limits)
