@@ -664,7 +664,9 @@ def check_drag(result: dict, names: list[str]) -> None:
         settle = result["settle_ms"][i]
         assert settle is not None and settle <= ceiling, f"{name}: final picture {settle} ms after the last key"
         assert result["replayed"][i] == 0, f"{name}: {result['replayed'][i]} stale frame(s) after the final one"
-        assert result["after"][i] <= 3, f"{name}: {result['after'][i]} frames after the last key (a backlog)"
+        # After the last key: the picture of the value the kernel was busy with, then the final one (2-3 seen
+        # here); a backlog would replay most of the 60 values the drag went through.
+        assert result["after"][i] <= 5, f"{name}: {result['after'][i]} frames after the last key (a backlog)"
         assert result["during"][i] >= 3, f"{name}: only {result['during'][i]} frame(s) during a 2 s drag"
 
 
