@@ -568,7 +568,7 @@ class WidgetDriver:
         return self.page.evaluate("() => window.__vl.state.ms")
 
     def drag(self, slider, figures: list, key: str = "ArrowRight", presses: int = 60, rate: float = 30.0,
-             quiet: float = 0.8, timeout: float = 20.0) -> dict:
+             quiet: float = 0.5, timeout: float = 20.0) -> dict:
         """Hold ``key`` on the slider: ``presses`` key presses at ``rate`` a second, as a keyboard repeat does.
 
         Every figure's frames are recorded in the page (time and signature of each changed frame) until none
@@ -797,7 +797,7 @@ class JupyterLabDriver:
         """From now on, note when each code cell finishes and when each figure canvas in it first shows ink."""
         self.page.evaluate(_FIRST_PAINTS)
 
-    def first_paints(self, quiet: float = 1.0, timeout: float = 30.0) -> list[dict]:
+    def first_paints(self, quiet: float = 0.5, timeout: float = 30.0) -> list[dict]:
         """``[{"cell", "done", "paint", "figures"}]`` (page times, ms) of the cells that ran and hold figures.
 
         A widget's view is built after its cell's prompt shows a number: this waits until a figure has

@@ -171,7 +171,7 @@ def test_slider_to_figure_latency(app, latency_log, goals):
     """Time from a clip_eps key press to the first changed frame of each figure: medians within 3x the goals."""
     page, ui = app
     slider = shared_slider(page, ui, "clip_eps")
-    for panel, steps, goal in (("loss-curve", 5, "1D"), ("surface", 5, "plane"), ("gradient", 5, "plane")):
+    for panel, steps, goal in (("loss-curve", 4, "1D"), ("surface", 4, "plane"), ("gradient", 4, "plane")):
         samples = []
         for i in range(steps):
             ms = ui.latency_ms(slider, figure(page, panel), "ArrowRight" if i % 2 == 0 else "ArrowLeft")
