@@ -141,6 +141,7 @@ class Dashboard:
         return {name: control.value for name, control in self.controls.items()}
 
     def _on_change(self, change) -> None:
+        self._write_notes()  # first: the browser lays the notes out while the kernel draws the figures
         p = self.params
         # Loss curve first: it is the fastest to redraw, so it answers a slider move first.
         targets = {
@@ -152,7 +153,6 @@ class Dashboard:
         for name, values in targets.items():
             for control_name, value in values.items():
                 self.explorers[name].controls[control_name].value = value  # redraws only if it changed
-        self._write_notes()
 
     def _write_notes(self) -> None:
         p = self.params

@@ -203,10 +203,13 @@ class Explorer:
         self.update()
 
     def update(self) -> None:
-        """Move the artists to the current control values, redraw, then say the settings in the caption."""
+        """Say the new settings in the caption, move the artists to them and redraw."""
+        # The caption first: the browser lays it out while the kernel draws, instead of between the
+        # picture's arrival and its paint (which it delayed by several milliseconds in JupyterLab).
+        if self.caption.layout.display != "none":  # hidden in the app, whose notes say the settings
+            self.caption.value = self._caption()
         self._update_artists()
         self._redraw()
-        self.caption.value = self._caption()  # after the picture, so that the words never run ahead of it
 
     def _caption(self) -> str:
         """One line above the figure with the current settings (HTML: costs no pixels to repaint).
