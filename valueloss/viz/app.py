@@ -141,7 +141,6 @@ class Dashboard:
         return {name: control.value for name, control in self.controls.items()}
 
     def _on_change(self, change) -> None:
-        self._write_notes()  # first: the browser lays the notes out while the kernel draws the figures
         p = self.params
         # Loss curve first: it is the fastest to redraw, so it answers a slider move first.
         targets = {
@@ -153,6 +152,10 @@ class Dashboard:
         for name, values in targets.items():
             for control_name, value in values.items():
                 self.explorers[name].controls[control_name].value = value  # redraws only if it changed
+            if name == "loss_curve":
+                # The notes right after the first figure: the browser lays them out while the kernel draws
+                # the other two (written last, their layout delayed the last figure's paint).
+                self._write_notes()
 
     def _write_notes(self) -> None:
         p = self.params
