@@ -308,6 +308,7 @@ def voila_server(served_root, tmp_path_factory):
         "--strip_sources=True",
         "--show_tracebacks=True",
         "--theme=light",
+        f"--Voila.config_file_paths={REPO / 'notebooks'}",  # make app's kernel cap and culling (voila.json)
     ]
     server = Server("Voilà", argv, served_root, port, token, home / "server.log", _server_env(home))
     _start(server, "/")
