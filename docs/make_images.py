@@ -23,7 +23,7 @@ DPI = 55
 
 
 def start_here() -> Figure:
-    """00: the loss against the new value (section 3 of the notebook)."""
+    """00: the loss against the new value (section 4 of the notebook)."""
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     plotting.loss_curve(fig.subplots(), old_value=0.0, return_=1.0, clip_eps=0.2, value_range=(-1.0, 2.5))
     return fig

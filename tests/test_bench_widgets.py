@@ -18,7 +18,11 @@ def test_bench_widgets_quick_run_reports_machine_and_medians(capsys):
     this process: the same main() the command line calls, without a second interpreter importing torch)."""
     assert _load_benchmark().main(["--quick"]) == 0
     out = capsys.readouterr().out
-    for needle in ("cpu", "cores", "torch", "matplotlib", "1D explorer", "surface explorer 256x256"):
+    for needle in ("cpu", "cores", "torch", "matplotlib", "1D explorer", "surface explorer 256x256",
+                   "gradient explorer 256x256", "ipympl frame", "dashboard (all three)"):
         assert needle in out, f"{needle!r} missing from:\n{out}"
-    rows = [line for line in out.splitlines() if line.startswith(("1D explorer", "surface explorer"))]
-    assert len(rows) == 2 and all(" ms" in row for row in rows)
+    rows = [line for line in out.splitlines()
+            if line.startswith(("1D explorer", "surface explorer", "gradient explorer"))]
+    assert len(rows) == 3 and all(row.count(" ms") >= 4 for row in rows), rows
+    dashboard = next(line for line in out.splitlines() if line.startswith("dashboard"))
+    assert dashboard.rstrip().endswith(" ms"), dashboard

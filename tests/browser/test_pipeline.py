@@ -66,3 +66,19 @@ def test_voila_slider_redraws_ipympl_figure(voila_server, page, widgets, selftes
     page.goto(voila_server.url(f"/voila/render/{selftest_notebook}"))
     check_slider_moves_figure(page, widgets)
     assert page.locator(".jp-InputArea").count() == 0, "Voilà shows code although sources are stripped"
+
+
+def test_drag_check_tells_a_backlog_from_a_live_drag(goals):
+    """The drag analysis passes a live drag and fails a replaying backlog, a late final picture and a frozen one."""
+    keys = [i * 33.0 for i in range(60)]  # 60 presses at 30/s: the last at 1947 ms
+    live = [[0, 1]] + [[100.0 * i + 50, 10 + i] for i in range(20)] + [[2100.0, 99]]
+    backlog = [[0, 1]] + [[2000.0 + 40 * i, 10 + i] for i in range(30)] + [[3300.0, 99]]
+    replay = live[:-1] + [[2100.0, 99], [2200.0, 42], [2300.0, 99]]  # the final picture, a stale one, again
+    late = live[:-1] + [[3000.0, 99]]
+    frozen = [[0, 1], [100.0, 2]]  # one frame, then nothing
+    result = goals.analyse_drag(keys, [live, backlog, replay, late, frozen])
+    assert result["settle_ms"][0] == 2100.0 - 1947.0 and result["during"][0] == 19 and result["after"][0] == 2
+    goals.check_drag({k: v[:1] for k, v in result.items() if k != "keys"}, ["live"])
+    for i, name in enumerate(["backlog", "replay", "late", "frozen"], start=1):
+        with pytest.raises(AssertionError):
+            goals.check_drag({k: v[i:i + 1] for k, v in result.items() if k != "keys"}, [name])

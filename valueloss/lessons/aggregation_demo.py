@@ -156,7 +156,7 @@ def plot_shards(action_mask: Tensor, num_shards: int, num_micro_batches: int, ax
     ax.set_xlabel("sequence s (dotted lines: micro-batch boundaries, numbers: tokens per micro-batch)")
     ax.set_ylabel("unmasked tokens $n_s$")
     ax.set_title(f"{num_shards} rank(s) x {num_micro_batches} micro-batch(es)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never on one
     return ax
 
 

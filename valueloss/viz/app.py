@@ -125,8 +125,11 @@ class Dashboard:
         for explorer in self.explorers.values():
             for control in explorer.controls.values():
                 control.layout.display = "none"  # driven by the shared controls
+            explorer.caption.layout.display = "none"  # the notes beside the figures say the settings
         self.controls = {name: _shared_slider(name, start[name]) for name in CONTROL_RANGES}
         self.notes = {name: ipywidgets.HTML() for name in self.explorers}
+        for note in self.notes.values():
+            note.add_class("valueloss-note")
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
         self._write_notes()
@@ -149,7 +152,10 @@ class Dashboard:
         for name, values in targets.items():
             for control_name, value in values.items():
                 self.explorers[name].controls[control_name].value = value  # redraws only if it changed
-        self._write_notes()
+            if name == "loss_curve":
+                # The notes right after the first figure: the browser lays them out while the kernel draws
+                # the other two (written last, their layout delayed the last figure's paint).
+                self._write_notes()
 
     def _write_notes(self) -> None:
         p = self.params

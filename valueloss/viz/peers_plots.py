@@ -106,5 +106,5 @@ def plot_peer_losses(results: list[PeerResult], *, clip_eps: float | None = None
     ax.set_xlabel("value loss on the batch")
     suffix = f" (clip_eps = {clip_eps:g})" if clip_eps is not None else ""
     ax.set_title("Each peer and its ValueLoss reproduction" + suffix)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2)  # below the axes: no bar hidden
     return ax

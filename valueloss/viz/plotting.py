@@ -713,8 +713,9 @@ def update_region_map(
     loss_type: str = "squared",
     huber_delta: float = 1.0,
     data: dict | None = None,
+    title: bool = True,
 ) -> Axes:
-    """Move a :func:`region_map` to new settings in place; returns ``ax``."""
+    """Move a :func:`region_map` to new settings in place; returns ``ax``. ``title=False`` keeps the title."""
     g = "valueloss.region_map."
     image = find_artist(ax, g + "image")
     clip_eps = F.check_clip_eps(clip_eps)
@@ -727,7 +728,8 @@ def update_region_map(
     image.set_extent((-extent, extent, -extent, extent))
     _move_plane_guides(ax, g, clip_eps, extent)
     _plane_axes(ax, extent)
-    ax.set_title(f"Where clipping zeroes the gradient, $\\epsilon$={_eps_text(clip_eps)}, {variant}")
+    if title:
+        ax.set_title(f"Where clipping zeroes the gradient, $\\epsilon$={_eps_text(clip_eps)}, {variant}")
     return ax
 
 
