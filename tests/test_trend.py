@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +128,63 @@ def test_an_oversized_or_broken_meta_is_ignored(tmp_path):
              settings=np.array("not json"))
     (step,), skipped = load_recording(tmp_path)
     assert (step.step, step.meta, step.settings, skipped) == (5, ({},), {}, [])
+
+
+def test_cli_inspect_dir_prints_text_json_and_a_figure(recording, tmp_path, capsys):
+    """`valueloss inspect DIR` prints one line per step, --json the points, --plot writes a PNG; a folder without
+    recordings exits 2 with one line saying why."""
+    from valueloss.batch.cli import main
+
+    directory, _ = recording
+    assert main(["inspect", str(directory)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and [line.split()[0] for line in lines[2:]] == ["10", "20", "30"]
+    assert main(["inspect", str(directory), "--json", "--clip-eps", "0.1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["clip_eps"] == 0.1 and [p["step"] for p in data["points"]] == [10, 20, 30]
+    png = tmp_path / "trend.png"
+    assert main(["inspect", str(directory), "--plot", str(png)]) == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["inspect", str(empty)]) == 2
+    assert capsys.readouterr().err.startswith(f"valueloss inspect: error: {empty}: no recorded files")
+
+
+def test_cli_inspect_dir_on_the_shipped_recording(capsys):
+    """The shipped tiny_rlhf recording reads as 30 steps, 10 to 300, recorded with clip_eps 0.2."""
+    from valueloss.batch.cli import main
+
+    shipped = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "tiny_rlhf"
+    assert main(["inspect", str(shipped)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(30 recorded steps, ranks 0)" in lines[0] and "recorded with clip_eps 0.2" in lines[0]
+    assert [int(line.split()[0]) for line in lines[2:]] == list(range(10, 301, 10))
+
+
+def test_upload_explorer_on_a_recorded_directory(recording):
+    """batch_upload_explorer(DIR) starts on the last step; choosing another step shows that step's report."""
+    pytest.importorskip("ipywidgets")
+    from valueloss.viz.upload import batch_upload_explorer
+
+    directory, _ = recording
+    points = inspect_directory(directory).points
+    explorer = batch_upload_explorer(directory)
+    assert [label for label, _ in explorer.step.options] == ["10", "20", "30"]
+    assert "step 30" in explorer.status.value and explorer.report.num_tokens == points[2].num_tokens
+    explorer.step.value = 0
+    assert "step 10" in explorer.status.value and explorer.report.num_tokens == points[0].num_tokens
+    assert explorer.report.clip_fraction == pytest.approx(points[0].clip_fraction, abs=1e-12)
+    assert explorer.step in explorer.widget.children[0].children
+
+
+def test_json_is_strict_a_non_finite_number_becomes_null(recording):
+    """Trend.to_dict turns a non-finite number into None, so --json never prints NaN or Infinity."""
+    import dataclasses
+
+    directory, _ = recording
+    trend = inspect_directory(directory)
+    broken = dataclasses.replace(trend.points[0], explained_variance=float("nan"), suggested_clip_eps=(0.1, math.inf))
+    data = dataclasses.replace(trend, points=[broken]).to_dict()
+    assert data["points"][0]["explained_variance"] is None and data["points"][0]["suggested_clip_eps"] == [0.1, None]
+    json.dumps(data, allow_nan=False)

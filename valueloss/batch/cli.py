@@ -1,5 +1,8 @@
 """The ``valueloss`` command line: ``valueloss inspect BATCH`` reports what clipping does to a saved batch.
 
+``valueloss inspect DIR`` (a directory written by :class:`valueloss.record.Recorder`) reports each recorded step on
+one line instead (:mod:`valueloss.batch.trend`), with the same options, limits and exit codes.
+
 Exit codes: 0 success, 2 bad arguments, a file that is not a valid batch (or over the limits of
 ``--max-bytes``, ``--max-tokens``, ``--max-sequences``) or a figure that cannot be written (one line on
 stderr says why; never a traceback). ``--json`` is strict JSON (non-finite numbers are null) and lists
@@ -83,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "old_values, returns and optionally action_mask, and report loss, clip fraction, explained variance, "
         "the drift histogram, where gradients die, and a clip_eps range for a target clip fraction.",
     )
-    inspect.add_argument("batch", metavar="BATCH", help="path to the batch file")
+    inspect.add_argument(
+        "batch", metavar="BATCH",
+        help="path to the batch file, or to a directory recorded by valueloss.record.Recorder (one line per step)",
+    )
     inspect.add_argument("--clip-eps", type=_positive_float, default=0.2, help="clip range (default: 0.2)")
     inspect.add_argument(
         "--mode", choices=AGGREGATION_MODES, default="token-mean", help="aggregation mode (default: token-mean)"
@@ -147,6 +153,10 @@ def _check_plot_path(path: str) -> str | None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.batch):  # a directory written by valueloss.record.Recorder: one line per recorded step
+        from .trend import run_directory_command
+
+        return run_directory_command(args)
     low, high = args.target_clip_fraction
     if low > high:
         return _error(f"--target-clip-fraction LOW must be <= HIGH; got {low} {high}")

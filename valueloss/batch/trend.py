@@ -10,6 +10,7 @@ numbers that matter over a run (:class:`TrendPoint`); :func:`format_trend` print
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -172,13 +173,25 @@ class Trend:
         return np.array([getattr(point, name) for point in self.points], dtype=np.float64)
 
     def to_dict(self) -> dict[str, object]:
-        out = asdict(self)
+        """The trend as strict-JSON-ready Python values (a non-finite number becomes None)."""
+        out = _finite_or_none(asdict(self))
         for point in out["points"]:
             point["ranks"] = list(point["ranks"])
             point["suggested_clip_eps"] = list(point["suggested_clip_eps"])
         out["target_clip_fraction"] = list(self.target_clip_fraction)
         out["skipped"] = [{"file": name, "reason": reason} for name, reason in self.skipped]
         return out
+
+
+def _finite_or_none(obj: object) -> object:
+    """``obj`` with every non-finite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_finite_or_none(value) for value in obj)
+    return obj
 
 
 def inspect_directory(
@@ -273,7 +286,7 @@ def run_directory_command(args) -> int:
             plot_trend(trend, args.plot)
         except (OSError, ValueError) as failure:
             return error(f"--plot could not write {args.plot} ({type(failure).__name__}: {failure})")
-    print(json.dumps(trend.to_dict(), indent=2) if args.json else format_trend(trend))
+    print(json.dumps(trend.to_dict(), indent=2, allow_nan=False) if args.json else format_trend(trend))
     if args.plot and not args.json:
         print(f"\n  figure      written to {args.plot}")
     return 0

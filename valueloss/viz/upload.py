@@ -29,7 +29,7 @@ from ..batch import (
 from ..functional import AGGREGATION_MODES
 from .batch_plot import plot_report
 
-__all__ = ["BatchUploadExplorer", "batch_upload_explorer"]
+__all__ = ["BatchUploadExplorer", "RecordingExplorer", "batch_upload_explorer"]
 
 ACCEPT = ".pt,.pth,.npz,.safetensors"
 UPLOAD_LIMITS = Limits(max_bytes=2**26, max_tokens=2**20, max_sequences=2**11)
@@ -158,14 +158,50 @@ def batch_upload_explorer(
     max_bytes: int = UPLOAD_LIMITS.max_bytes, max_tokens: int = UPLOAD_LIMITS.max_tokens,
     max_sequences: int = UPLOAD_LIMITS.max_sequences,
 ) -> BatchUploadExplorer:
-    """The explorer of notebook 08, starting on the batch file ``path``.
+    """The explorer of notebook 08, starting on the batch file ``path``, or on a recorded directory.
 
     Without a path it starts on ``synthetic_batch(seed=0)``: the batch shipped as
     ``notebooks/data/sample_batch.npz``, generated here because the package does not ship the notebooks' data.
     ``max_bytes``, ``max_tokens`` and ``max_sequences`` bound what an upload (and ``path``) may hold
-    (:class:`valueloss.batch.Limits`; defaults :data:`UPLOAD_LIMITS`).
+    (:class:`valueloss.batch.Limits`; defaults :data:`UPLOAD_LIMITS`). A directory written by
+    :class:`valueloss.record.Recorder` gives a :class:`RecordingExplorer`: a step selector over the recorded steps
+    (each file read within the same limits), starting on the last.
     """
     limits = Limits(max_bytes, max_tokens, max_sequences)
+    if path is not None and os.path.isdir(path):
+        return RecordingExplorer(path, clip_eps=clip_eps, mode=mode, limits=limits)
     batch = load_batch(path, max_bytes=max_bytes, max_tokens=max_tokens, max_sequences=max_sequences) \
         if path is not None else synthetic_batch(seed=0)
     return BatchUploadExplorer(batch, clip_eps=clip_eps, mode=mode, limits=limits)
+
+
+class RecordingExplorer(BatchUploadExplorer):
+    """:class:`BatchUploadExplorer` on a directory recorded by :class:`valueloss.record.Recorder`, plus ``step``:
+    a selector of the recorded steps (``steps`` holds them, read once by
+    :func:`valueloss.batch.trend.load_recording` within ``limits``). An upload still shows the uploaded file.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, clip_eps: float = 0.2, mode: str = "token-mean",
+                 limits: Limits = UPLOAD_LIMITS) -> None:
+        import ipywidgets as w
+
+        from ..batch.trend import load_recording
+
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a valueloss.batch.Limits; got {type(limits).__name__}")
+        self.directory = str(directory)
+        self.steps, self.skipped = load_recording(directory, max_bytes=limits.max_bytes,
+                                                  max_tokens=limits.max_tokens, max_sequences=limits.max_sequences)
+        super().__init__(self.steps[-1].batch, clip_eps=clip_eps, mode=mode, limits=limits)
+        self.step = w.Dropdown(options=[(str(s.step), i) for i, s in enumerate(self.steps)],
+                               value=len(self.steps) - 1, description="step")
+        controls, *rest = self.widget.children
+        self.widget.children = (w.HBox([self.step, *controls.children]), *rest)
+        self.step.observe(self._on_step, names="value")
+        self._set_status(f"showing step {self.steps[-1].step} of {_escape(self.directory)}")
+
+    def _on_step(self, change) -> None:
+        recorded = self.steps[change["new"]]
+        self.batch = recorded.batch
+        if self._refresh_or_report(f"could not analyse step {recorded.step}"):
+            self._set_status(f"showing step {recorded.step} of {_escape(self.directory)}")
