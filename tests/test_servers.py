@@ -8,6 +8,7 @@ a loop of plain GETs; kernels are counted as the server's child processes (Linux
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -62,6 +63,12 @@ def test_app_command_uses_the_config_file():
     assert "valueloss.viz.server.CappedKernelManager" in config and '"cull_idle_timeout"' in config
 
 
+def _run(coroutine):
+    """``asyncio.run`` in a thread of its own: the browser tests' Playwright keeps an event loop running in
+    this one for the whole session, and ``asyncio.run`` refuses to start inside a running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
 def test_the_cap_refuses_the_kernel_beyond_max_kernels_even_when_requests_overlap(monkeypatch):
     """Five overlapping starts with max_kernels=2: two kernels start, three get HTTP 503; a stopped one frees a slot."""
     from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -83,13 +90,13 @@ def test_the_cap_refuses_the_kernel_beyond_max_kernels_even_when_requests_overla
     async def five():
         return await asyncio.gather(*(manager.start_kernel() for _ in range(5)), return_exceptions=True)
 
-    outcomes = asyncio.run(five())
+    outcomes = _run(five())
     assert sorted(o for o in outcomes if isinstance(o, str)) == ["k0", "k1"] and running == ["k0", "k1"]
     refused = [o for o in outcomes if isinstance(o, HTTPError)]
     assert len(refused) == 3 and all(o.status_code == 503 and "too many open sessions" in o.log_message
                                      for o in refused)
     running.pop()
-    assert asyncio.run(manager.start_kernel()) == "k1"
+    assert _run(manager.start_kernel()) == "k1"
 
 
 @LINUX_PROC
