@@ -651,7 +651,9 @@ def test_batch_sources_import_no_viz_and_no_matplotlib():
         source = path.read_text()
         assert not re.search(r"^\s*(from|import)\s+matplotlib\b", source, re.M), path.name
         viz = re.findall(r"^\s*(?:from|import)\s+(?:\.\.|valueloss\.)viz\b.*$", source, re.M)
-        assert viz == (["        from ..viz.batch_plot import plot_report"] if path.name == "cli.py" else []), path.name
+        expected = ["        from ..viz.batch_plot import plot_report",
+                    "        from ..viz.trend_plot import plot_trend"]
+        assert viz == (expected if path.name == "cli.py" else []), path.name
 
 
 def test_analysing_the_sample_is_cheap():

@@ -8,7 +8,7 @@ from pathlib import Path
 import no_extras
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["functional", "loss", "diagnostics", "distributed", "peers"]  # fused imports with loss; its doctest compiles
+CORE = ["functional", "loss", "diagnostics", "distributed", "peers", "record"]  # fused imports with loss; its doctest compiles
 
 
 def test_core_tests_pass_with_every_extra_absent():

@@ -152,11 +152,24 @@ def _check_plot_path(path: str) -> str | None:
     return None
 
 
+def _plot_trend():
+    """:func:`valueloss.viz.trend_plot.plot_trend` (``valueloss inspect DIR``'s figure), as :func:`_plot_report`."""
+    try:
+        from ..viz.trend_plot import plot_trend
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "matplotlib":
+            raise
+        return None
+    return plot_trend
+
+
 def _inspect(args: argparse.Namespace) -> int:
     if os.path.isdir(args.batch):  # a directory written by valueloss.record.Recorder: one line per recorded step
         from .trend import run_directory_command
 
-        return run_directory_command(args)
+        if args.plot and (problem := _check_plot_path(args.plot)):
+            return _error(problem)
+        return run_directory_command(args, _plot_trend() if args.plot else None)
     low, high = args.target_clip_fraction
     if low > high:
         return _error(f"--target-clip-fraction LOW must be <= HIGH; got {low} {high}")

@@ -251,11 +251,13 @@ def format_trend(trend: Trend) -> str:
     return "\n".join(lines)
 
 
-def run_directory_command(args) -> int:
+def run_directory_command(args, plot_trend=None) -> int:
     """``valueloss inspect DIR`` (called by :mod:`valueloss.batch.cli` when BATCH is a directory); the exit code.
 
-    Uses the parsed ``batch``, ``clip_eps``, ``mode``, ``target_clip_fraction``, ``json`` and ``plot``; a bad
-    directory or figure path prints one line on stderr and returns 2, as for a file.
+    Uses the parsed ``batch``, ``clip_eps``, ``mode``, ``target_clip_fraction``, ``json`` and ``plot`` (and the
+    ``--max-*`` limits); ``plot_trend`` is :func:`valueloss.viz.trend_plot.plot_trend`, which the CLI imports
+    (only it reaches up into viz), or None without matplotlib. A bad directory or figure path prints one line on
+    stderr and returns 2, as for a file.
     """
     import sys
 
@@ -266,14 +268,8 @@ def run_directory_command(args) -> int:
     low, high = args.target_clip_fraction
     if low > high:
         return error(f"--target-clip-fraction LOW must be <= HIGH; got {low} {high}")
-    plot_trend = None
-    if args.plot:
-        try:
-            from ..viz.trend_plot import plot_trend
-        except ModuleNotFoundError as missing:
-            if missing.name is None or missing.name.split(".")[0] != "matplotlib":
-                raise
-            return error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
+    if args.plot and plot_trend is None:
+        return error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
     try:
         names = ("max_bytes", "max_tokens", "max_sequences")
         limits = {name: getattr(args, name) for name in names if hasattr(args, name)}
@@ -281,7 +277,9 @@ def run_directory_command(args) -> int:
                                   **limits)
     except (BatchError, ValueError) as failure:
         return error(str(failure))
-    if plot_trend is not None:
+    except MemoryError:
+        return error("ran out of memory reading the recorded batches; lower --max-tokens or inspect fewer files")
+    if args.plot:
         try:
             plot_trend(trend, args.plot)
         except (OSError, ValueError) as failure:
