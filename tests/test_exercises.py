@@ -200,7 +200,8 @@ def test_reductions_seq_mean_written_as_token_mean():
 @pytest.mark.parametrize(
     ("wrong", "start"),
     [
-        (lambda returns, clip_eps=0.2: clip_eps, "for returns of spread 100 and clip_eps=0.2 your scaled_clip_eps gives 0.2"),
+        (lambda returns, clip_eps=0.2: clip_eps,
+         "for returns of spread 100 and clip_eps=0.2 your scaled_clip_eps gives 0.2"),
         (lambda returns, clip_eps=0.2: clip_eps * float(returns.abs().max()),
          "for returns of spread 1 and clip_eps=0.2 your scaled_clip_eps gives"),
         (lambda returns, clip_eps=0.2: clip_eps * float(returns.std()), "for returns that are all equal to 5"),

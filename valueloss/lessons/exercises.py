@@ -199,7 +199,8 @@ def check_clipped_loss(clipped_loss: Callable[[Tensor, Tensor, Tensor, float], T
 
 _DIFFERENCE_HINTS = {
     "inside": "inside the band clipping changes nothing: the difference is 0",
-    "towards": "beyond the band towards the return the clipped branch wins: the difference is (v_clip - R)**2 - (v - R)**2",
+    "towards": "beyond the band towards the return the clipped branch wins: "
+               "the difference is (v_clip - R)**2 - (v - R)**2",
     "away": "the max never lowers the loss: where the unclipped branch wins the difference is 0, never negative",
     "below": "the return may lie below the old value (a negative return offset)",
     "zero": "with eps = 0 the clipped value is v_old itself",
@@ -225,7 +226,8 @@ def _difference_cases() -> list[_Case]:
               _DIFFERENCE_HINTS[kind])
         for dv, dr, e, kind in rows
     ]
-    dv, dr = torch.meshgrid(torch.linspace(-1, 1, 9, dtype=_DTYPE), torch.linspace(-1, 1, 9, dtype=_DTYPE), indexing="xy")
+    axis = torch.linspace(-1, 1, 9, dtype=_DTYPE)
+    dv, dr = torch.meshgrid(axis, axis, indexing="xy")
     cases.append(_Case("on a 9 x 9 grid over [-1, 1]^2 with eps=0.2", (dv, dr, 0.2), _DIFFERENCE_HINTS["grid"]))
     return cases
 
@@ -376,8 +378,8 @@ def check_scaled_clip_eps(scaled_clip_eps: Callable[..., float]) -> None:
         values, old, returns = _spread_batch(scale)
         fractions.append(_clip_fraction(values, old, returns, float(scaled_clip_eps(returns, 0.2))))
     if abs(fractions[0] - fractions[1]) > 0.01:
-        raise AssertionError(f"with your clip_eps the gradient is zeroed on {fractions[0]:.1%} of the tokens at returns' "
-                             f"scale 1 and on {fractions[1]:.1%} at scale 100: the band should scale with the returns")
+        raise AssertionError(f"with your clip_eps the gradient is zeroed on {fractions[0]:.1%} of the tokens "
+                             f"at returns' scale 1 and on {fractions[1]:.1%} at scale 100: the band should scale with the returns")
     print(f"all {len(rows) + 1} cases pass (clip fraction {fractions[0]:.1%} at scale 1 and at scale 100): ✓")
 
 
@@ -394,19 +396,23 @@ def check_interquartile_mean(interquartile_mean: Callable[[Sequence[float]], flo
          "drop the lowest and the highest quarter (one score each here), then take the mean"),
         ("for the 5 unsorted scores [100, 3, 1, 4, 2]", [100.0, 3.0, 1.0, 4.0, 2.0],
          "sort the scores first, so that the dropped ones are the lowest and the highest"),
-        ("for the 6 scores [10, 500, 20, 30, 40, 0] (6 seeds, as in this notebook)", [10.0, 500.0, 20.0, 30.0, 40.0, 0.0],
+        ("for the 6 scores [10, 500, 20, 30, 40, 0] (6 seeds, as in this notebook)",
+         [10.0, 500.0, 20.0, 30.0, 40.0, 0.0],
          "with 6 scores floor(6 / 4) = 1 is dropped at each end, the mean of the middle 4 remains"),
         ("for the 7 scores [1, 2, 3, 4, 5, 60, 70]", [1.0, 2.0, 3.0, 4.0, 5.0, 60.0, 70.0],
          "floor(7 / 4) = 1: round down the number of scores to drop"),
         ("for the 8 scores [-5, 1, 2, 3, 4, 5, 6, 50]", [-5.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 50.0],
          "floor(8 / 4) = 2 are dropped at each end"),
-        ("for the 3 scores [1, 2, 30]", [1.0, 2.0, 30.0], "with fewer than 4 scores nothing is dropped: the plain mean"),
-        ("for the 6 scores [2, 2, 2, 2, 2, 9] (ties)", [2.0, 2.0, 2.0, 2.0, 2.0, 9.0], "ties are dropped like any score"),
+        ("for the 3 scores [1, 2, 30]", [1.0, 2.0, 30.0],
+         "with fewer than 4 scores nothing is dropped: the plain mean"),
+        ("for the 6 scores [2, 2, 2, 2, 2, 9] (ties)", [2.0, 2.0, 2.0, 2.0, 2.0, 9.0],
+         "ties are dropped like any score"),
     ]
     for where, scores, hint in rows:
         want = iqm(scores)
         got = interquartile_mean(list(scores))
         got = float(got) if isinstance(got, (Tensor, float, int)) or hasattr(got, "__float__") else got
         if not isinstance(got, float) or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
-            raise AssertionError(f"{where} your interquartile_mean gives {_number(got)}, expected {_number(want)}: {hint}")
+            raise AssertionError(
+                f"{where} your interquartile_mean gives {_number(got)}, expected {_number(want)}: {hint}")
     print(f"all {len(rows)} cases pass: ✓")
