@@ -379,7 +379,8 @@ def check_scaled_clip_eps(scaled_clip_eps: Callable[..., float]) -> None:
         fractions.append(_clip_fraction(values, old, returns, float(scaled_clip_eps(returns, 0.2))))
     if abs(fractions[0] - fractions[1]) > 0.01:
         raise AssertionError(f"with your clip_eps the gradient is zeroed on {fractions[0]:.1%} of the tokens "
-                             f"at returns' scale 1 and on {fractions[1]:.1%} at scale 100: the band should scale with the returns")
+                             f"at returns' scale 1 and on {fractions[1]:.1%} at scale 100: "
+                             "the band should scale with the returns")
     print(f"all {len(rows) + 1} cases pass (clip fraction {fractions[0]:.1%} at scale 1 and at scale 100): ✓")
 
 
