@@ -99,7 +99,7 @@ def test_unreadable_files_are_skipped_with_a_reason_and_empty_folders_raise(reco
     assert trend.skipped[0][0] == "step-00000040-rank0.npz" and "not a NumPy .npz archive" in trend.skipped[0][1]
     assert "skipped step-00000040-rank0.npz" in format_trend(trend)
     empty = tmp_path_factory.mktemp("empty")
-    with pytest.raises(BatchError, match="no recorded files"):
+    with pytest.raises(BatchError, match="is a directory with no recorded files"):
         load_recording(empty)
     with pytest.raises(BatchError, match="not a directory"):
         load_recording(directory / "step-00000010-rank0.npz")
@@ -148,7 +148,7 @@ def test_cli_inspect_dir_prints_text_json_and_a_figure(recording, tmp_path, caps
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["inspect", str(empty)]) == 2
-    assert capsys.readouterr().err.startswith(f"valueloss inspect: error: {empty}: no recorded files")
+    assert capsys.readouterr().err.startswith(f"valueloss inspect: error: {empty}: is a directory with no recorded files")
 
 
 def test_cli_inspect_dir_on_the_shipped_recording(capsys):

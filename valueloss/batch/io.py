@@ -25,6 +25,7 @@ import numbers
 import os
 import stat
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -475,7 +476,9 @@ def _read_pt(file: BinaryIO, size: int, source: str, limits: Limits) -> object:
     file.seek(0)
     data = file.read(size)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's deprecation notices (quantized, typed storages) are not ours
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- any failure here means "not a loadable batch"
         raise BatchError(
             f"{source}: {kind} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"

@@ -113,7 +113,7 @@ def load_recording(
         if match:
             by_step.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
     if not by_step:
-        raise BatchError(f"{directory}: no recorded files (named step-NNNNNNNN-rankR.npz, written by "
+        raise BatchError(f"{directory}: is a directory with no recorded files (named step-NNNNNNNN-rankR.npz, written by "
                          f"valueloss.record.Recorder)")
     steps, skipped = [], []
     for step in sorted(by_step):
