@@ -61,6 +61,7 @@ def test_jupyterlab_slider_redraws_ipympl_figure(lab, page, widgets, selftest_no
     check_slider_moves_figure(page, widgets)
 
 
+@pytest.mark.slow  # the JupyterLab check above tests the same harness in make test; this is its Voilà twin
 def test_voila_slider_redraws_ipympl_figure(voila_server, page, widgets, selftest_notebook):
     """In Voilà (sources stripped) a keyboard step on a slider redraws the ipympl canvas."""
     page.goto(voila_server.url(f"/voila/render/{selftest_notebook}"))
