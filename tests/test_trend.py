@@ -148,7 +148,8 @@ def test_cli_inspect_dir_prints_text_json_and_a_figure(recording, tmp_path, caps
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["inspect", str(empty)]) == 2
-    assert capsys.readouterr().err.startswith(f"valueloss inspect: error: {empty}: is a directory with no recorded files")
+    error = capsys.readouterr().err
+    assert error.startswith(f"valueloss inspect: error: {empty}: is a directory with no recorded files")
 
 
 def test_cli_inspect_dir_on_the_shipped_recording(capsys):

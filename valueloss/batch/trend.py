@@ -10,7 +10,6 @@ numbers that matter over a run (:class:`TrendPoint`); :func:`format_trend` print
 from __future__ import annotations
 
 import json
-import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..record import FILE_PATTERN
 from .io import Batch, BatchError, load_batch, validate_batch
-from .report import inspect_batch
+from .report import _finite_or_none, inspect_batch
 
 __all__ = [
     "RecordedStep",
@@ -113,8 +112,8 @@ def load_recording(
         if match:
             by_step.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
     if not by_step:
-        raise BatchError(f"{directory}: is a directory with no recorded files (named step-NNNNNNNN-rankR.npz, written by "
-                         f"valueloss.record.Recorder)")
+        raise BatchError(f"{directory}: is a directory with no recorded files "
+                         "(named step-NNNNNNNN-rankR.npz, written by valueloss.record.Recorder)")
     steps, skipped = [], []
     for step in sorted(by_step):
         shards, metas, files, settings = [], [], [], {}
@@ -181,17 +180,6 @@ class Trend:
         out["target_clip_fraction"] = list(self.target_clip_fraction)
         out["skipped"] = [{"file": name, "reason": reason} for name, reason in self.skipped]
         return out
-
-
-def _finite_or_none(obj: object) -> object:
-    """``obj`` with every non-finite float (in dicts, lists and tuples) replaced by None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {key: _finite_or_none(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_finite_or_none(value) for value in obj)
-    return obj
 
 
 def inspect_directory(
