@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ports import free_port
 
 CLIP_EPS = 0.2
 MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -408,19 +408,13 @@ def _worker(rank, port, data_path, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(tmp_path, deadline_s=100.0):
     """Start the worker processes; kill them all on failure or timeout; return each rank's results."""
     data_path = tmp_path / "data.pt"
     torch.save({world: _distributed_data(world) for world in WORLDS}, data_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     for attempt in range(2):
-        port = _free_port()
+        port = free_port()
         procs, logs = [], []
         try:
             for rank in range(LAUNCH):

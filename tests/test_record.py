@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 from torch.overrides import TorchFunctionMode
 
 from valueloss import ValueLoss
@@ -296,12 +296,6 @@ def _worker(rank, port, directory):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_write_their_own_shards(tmp_path):
@@ -310,7 +304,7 @@ def test_two_gloo_ranks_write_their_own_shards(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     for attempt in range(2):
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(rank), str(port),
                                    str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for rank in range(2)]

@@ -21,17 +21,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytest.importorskip("voila")
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts kernels in Linux's /proc")
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _kernels(pid):
@@ -107,7 +102,7 @@ def test_kernel_cap_holds_under_a_loop_of_gets_and_idle_kernels_are_culled(tmp_p
     notebook.write_text('{"cells": [{"cell_type": "code", "execution_count": null, "id": "a", "metadata": {}, '
                         '"outputs": [], "source": ["1 + 1"]}], "metadata": {"kernelspec": {"name": "python3", '
                         '"display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}')
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "voila", str(notebook), "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
             f"--Voila.config_file_paths={ROOT / 'notebooks'}", "--strip_sources=True", "--theme=light",
             "--CappedKernelManager.max_kernels=2", "--MappingKernelManager.cull_idle_timeout=3",
