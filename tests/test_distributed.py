@@ -1,6 +1,6 @@
 """Tests of valueloss.distributed: counts, forward keywords, the one-process replay, and real gloo DDP runs.
 
-The gloo tests start real worker processes on loopback (this file re-run with ``--worker``), give
+The gloo tests start real worker processes on loopback (forks of one fresh interpreter: tests/gloo.py), give
 each rank a shard of a ragged batch, wrap a small critic in DistributedDataParallel and compare the
 averaged gradients with a full-batch reference computed here by plain loops.
 """
@@ -8,17 +8,13 @@ averaged gradients with a full-batch reference computed here by plain loops.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import gloo
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ports import free_port
 
 CLIP_EPS = 0.2
 MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -346,7 +342,13 @@ def _cases():
     return exact + [(mode, 2, "per-micro-batch") for mode in MODES]
 
 
-def _worker(rank, port, data_path, out_path):
+def _before_fork():
+    """Run once by tests/gloo.py before it forks the ranks: DistributedDataParallel's constructor imports
+    torch.compile's machinery (seconds per process); torch.compiler.list_backends() imports the same modules."""
+    torch.compiler.list_backends()
+
+
+def _worker(rank, port, data_path, out_dir):
     """One process of a 3-rank gloo job; runs every case on the 3-rank world and on a 2-rank subgroup."""
     import contextlib
     from datetime import timedelta
@@ -400,7 +402,7 @@ def _worker(rank, port, data_path, out_path):
                         loss.backward()
                 out[(mode, micro, strategy)] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
             results[world] = out
-        torch.save(results, out_path)
+        torch.save(results, Path(out_dir) / f"out{rank}.pt")
         # Every rank done before any tears down: rank 2, which skips the 2-rank cases, once hung in
         # destroy_process_group() after ranks 0 and 1 had exited (results written, killed at the deadline).
         dist.barrier()
@@ -409,49 +411,11 @@ def _worker(rank, port, data_path, out_path):
 
 
 def _launch(tmp_path, deadline_s=100.0):
-    """Start the worker processes; kill them all on failure or timeout; return each rank's results."""
+    """Run the worker on LAUNCH gloo ranks (forks of one fresh interpreter, tests/gloo.py); each rank's results."""
     data_path = tmp_path / "data.pt"
     torch.save({world: _distributed_data(world) for world in WORLDS}, data_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    for attempt in range(2):
-        port = free_port()
-        procs, logs = [], []
-        try:
-            for rank in range(LAUNCH):
-                log = open(tmp_path / f"rank{rank}.{attempt}.log", "w+")
-                logs.append(log)
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(rank), str(port),
-                       str(data_path), str(tmp_path / f"out{rank}.pt")]
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-            start = time.monotonic()
-            while any(p.poll() is None for p in procs):
-                if any(p.poll() not in (None, 0) for p in procs):
-                    break  # one rank failed: the others would wait for it until the timeout
-                if time.monotonic() - start > deadline_s:
-                    break
-                time.sleep(0.05)
-            codes = [p.poll() for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        text = []
-        for log in logs:
-            log.seek(0)
-            text.append(log.read())
-            log.close()
-        if codes == [0] * LAUNCH:
-            return [torch.load(tmp_path / f"out{rank}.pt", weights_only=False) for rank in range(LAUNCH)]
-        if attempt == 0 and any("ddress already in use" in t for t in text):
-            continue  # the free port was taken between our probe and rank 0's bind
-        raise AssertionError(f"workers exited with {codes} (None = killed after {deadline_s}s):\n" + "\n".join(text))
-    raise AssertionError("unreachable")
+    gloo.launch(Path(__file__).resolve(), "_worker", LAUNCH, [data_path, tmp_path], tmp_path, deadline_s)
+    return [torch.load(tmp_path / f"out{rank}.pt", weights_only=False) for rank in range(LAUNCH)]
 
 
 def _reference_grads(data, mode):
@@ -488,5 +452,3 @@ def test_ddp_gradients_equal_full_batch(world, ddp_results):
         assert (naive - expected).norm() > 1e-3 * expected.norm(), mode
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -4,18 +4,15 @@ the wrappers around other loss functions, and per-rank shards under a real two-p
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
+import gloo
 import numpy as np
 import pytest
 import torch
-from ports import free_port
 from torch.overrides import TorchFunctionMode
 
 from valueloss import ValueLoss
@@ -301,26 +298,7 @@ def _worker(rank, port, directory):
 def test_two_gloo_ranks_write_their_own_shards(tmp_path):
     """Under a two-process gloo run, ranks="all" writes one shard per rank (rank in the name, its own data) and
     ranks="zero" writes rank 0's only."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    for attempt in range(2):
-        port = free_port()
-        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(rank), str(port),
-                                   str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                 for rank in range(2)]
-        deadline = time.monotonic() + 90
-        outputs = []
-        for proc in procs:
-            try:
-                outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
-            except subprocess.TimeoutExpired:
-                for other in procs:
-                    other.kill()
-                raise
-        if all(proc.returncode == 0 for proc in procs):
-            break
-        if attempt == 1 or not any("ddress already in use" in text for text in outputs):
-            raise AssertionError(f"workers exited with {[p.returncode for p in procs]}:\n" + "\n".join(outputs))
+    gloo.launch(Path(__file__).resolve(), "_worker", 2, [tmp_path], tmp_path, deadline_s=90)
     names = [p.name for p in recorded_files(tmp_path / "all")]
     assert names == ["step-00000002-rank0.npz", "step-00000002-rank1.npz",
                      "step-00000004-rank0.npz", "step-00000004-rank1.npz"]
@@ -329,7 +307,3 @@ def test_two_gloo_ranks_write_their_own_shards(tmp_path):
         assert (meta["rank"], meta["world_size"]) == (rank, 2)
         np.testing.assert_array_equal(arrays["values"], _batch(seed=10 * rank + 3)[0].numpy())
     assert [p.name for p in recorded_files(tmp_path / "zero")] == ["step-00000002-rank0.npz", "step-00000004-rank0.npz"]
-
-
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
