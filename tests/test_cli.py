@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fresh
 import numpy as np
 import pytest
 import torch
@@ -52,21 +53,21 @@ def _batch(**change):
 
 
 def test_text_report_on_the_sample():
-    """`python -m valueloss inspect` on the sample prints a readable report with exit code 0."""
-    out = run_process("inspect", SAMPLE)
-    assert out.returncode == 0, out.stderr
-    assert "valueloss inspect:" in out.stdout and "have zero gradient (clip fraction)" in out.stdout
-    assert "suggestion  clip_eps in [" in out.stdout and out.stderr == ""
+    """`python -m valueloss inspect` on the sample prints a readable report with exit code 0 (run as `-m` does,
+    in the fresh interpreter of tests/fresh.py)."""
+    out = fresh.stage("valueloss inspect sample")
+    assert out["exit"] == 0, out["stderr"]
+    assert "valueloss inspect:" in out["stdout"] and "have zero gradient (clip fraction)" in out["stdout"]
+    assert "suggestion  clip_eps in [" in out["stdout"] and out["stderr"] == ""
 
 
 def test_inspect_without_plot_never_imports_matplotlib():
-    """`python -m valueloss inspect sample.npz` (text and --json) never imports matplotlib or valueloss.viz."""
-    for extra in ((), ("--json",)):
-        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "valueloss", "inspect", str(SAMPLE), *extra],
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and "783" in out.stdout
-        lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
-        imported = [line.rsplit("|", 1)[-1].strip() for line in lines]
+    """`python -m valueloss inspect sample.npz` (text and --json) never imports matplotlib or valueloss.viz (in a
+    fresh interpreter, tests/fresh.py, where only the core and valueloss.distributed were imported before)."""
+    for name in ("valueloss inspect sample", "valueloss inspect sample --json"):
+        out = fresh.stage(name)
+        assert out["exit"] == 0 and "783" in out["stdout"]
+        imported = out["modules"]
         assert "valueloss.functional" in imported and "valueloss.batch.report" in imported
         assert [name for name in imported if name.split(".")[0] == "matplotlib" or name.startswith("valueloss.viz")] \
             == []
@@ -183,14 +184,14 @@ def test_parser_defaults():
 
 def test_docs_example_is_the_commands_output():
     """docs/inspect.md's example block is exactly what `valueloss inspect notebooks/data/sample_batch.npz --top 4`
-    prints."""
+    prints (run from the repository's root as `-m` does, in the fresh interpreter of tests/fresh.py)."""
     root = SAMPLE.parents[2]
     command = "valueloss inspect notebooks/data/sample_batch.npz --top 4"
     readme = (root / "docs" / "inspect.md").read_text()
     block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
-    out = subprocess.run([sys.executable, "-m", "valueloss", *command.split()[1:]], capture_output=True, text=True,
-                         cwd=root, timeout=300)
-    assert out.returncode == 0 and out.stdout == block
+    out = fresh.stage("docs/inspect.md's example")
+    assert repr(command.split()[1:]) in dict(fresh.STAGES)["docs/inspect.md's example"]  # runs this very command
+    assert out["exit"] == 0 and out["stdout"] == block
 
 
 def test_names_that_are_not_utf8(tmp_path):

@@ -1,8 +1,7 @@
 """valueloss.viz.plotting: the artists hold the numbers of independently written reference formulas."""
 
-import subprocess
-import sys
 
+import fresh
 import matplotlib
 
 matplotlib.use("Agg")
@@ -255,18 +254,13 @@ def test_ax_must_be_an_axes():
 
 
 def test_import_does_not_touch_pyplot():
-    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl; rcParams stay."""
-    code = (
-        "import sys, matplotlib\n"
-        "def snapshot():\n"
-        "    return {k: matplotlib.rcParams[k] for k in matplotlib.rcParams.keys() if k != 'backend'}\n"
-        "before = snapshot()\n"
-        "import valueloss.viz.plotting, valueloss.viz.widgets\n"
-        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
-        "assert 'ipympl' not in sys.modules, 'ipympl imported'\n"
-        "assert snapshot() == before, 'rcParams changed'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl; rcParams stay
+    (in a fresh interpreter, tests/fresh.py)."""
+    result = fresh.stage("import valueloss.viz")
+    assert "valueloss.viz.widgets" in result["modules"]
+    assert "matplotlib.pyplot" not in result["modules"], "pyplot imported"
+    assert "ipympl" not in result["modules"], "ipympl imported"
+    assert result["stdout"] == "rcParams unchanged\n"
 
 
 @settings(max_examples=40, deadline=None)

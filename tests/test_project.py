@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
+import fresh
 import pytest
 import tomllib
 import yaml
@@ -200,19 +199,13 @@ def test_packaging_files_exist():
 
 def test_import_loads_only_the_core():
     """`import valueloss` loads torch and the core, but no subpackage, no torch._inductor or torch._dynamo,
-    and no matplotlib, ipywidgets or gymnasium (checked in a fresh interpreter, one for all of these)."""
-    code = (
-        "import sys, valueloss\n"
-        "from valueloss import ValueLoss, ValueLossDiagnostics, Region, diagnose, functional\n"
-        "ValueLoss(0.2)\n"
-        "heavy = ('torch._inductor', 'torch._dynamo', 'matplotlib', 'ipywidgets', 'gymnasium', 'valueloss.viz',\n"
-        "         'valueloss.lessons', 'valueloss.batch', 'valueloss.experiments')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
-        "print(sorted(valueloss.__all__))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.splitlines() == [
-        "[]",
+    and no matplotlib, ipywidgets or gymnasium (checked in a fresh interpreter: the first stage of tests/fresh.py)."""
+    result = fresh.stage("import valueloss")
+    heavy = ("torch._inductor", "torch._dynamo", "matplotlib", "ipywidgets", "gymnasium", "valueloss.viz",
+             "valueloss.lessons", "valueloss.batch", "valueloss.experiments")
+    assert [m for m in heavy if m in result["modules"]] == []
+    assert "torch" in result["modules"] and "valueloss.functional" in result["modules"]
+    assert result["stdout"].splitlines() == [
         "['Recorder', 'Region', 'ValueLoss', 'ValueLossDiagnostics', '__version__', 'diagnose', 'functional']",
     ]
 
