@@ -364,6 +364,33 @@ def test_explorer_controls_rerun_the_toy_critic():
     assert "no clipping" in explorer.summary.value and explorer.image.value[:4] == b"\x89PNG"
 
 
+def test_explorer_runs_each_setting_once_and_shows_runs_handed_in(monkeypatch):
+    """Runs handed in are drawn as given and not run again; a setting shown before is redrawn from its run;
+    anything else in runs is refused naming runs."""
+    import valueloss.experiments.explorer as explorer_module
+
+    base = toy_critic.ToyCriticConfig(**TINY_TOY)
+    chosen, baseline = base.replace(scale=100.0, clip_eps=0.2), base.replace(scale=100.0)
+    marked = {config: {key: np.full(base.num_iterations + 1, 0.5 + i) for key in ("relative_error", "clip_fraction")}
+              for i, config in enumerate((chosen, baseline))}
+    calls = []
+    monkeypatch.setattr(explorer_module, "run_toy_critic", lambda config: calls.append(config)
+                        or toy_critic.run_toy_critic(config))
+    explorer = ToyCriticExplorer(scale=100.0, clip_eps=0.2, base=base, runs=marked)
+    assert calls == [] and explorer.config() == chosen
+    np.testing.assert_array_equal(explorer.lines["error"].get_ydata(), marked[chosen]["relative_error"])
+    np.testing.assert_array_equal(explorer.lines["baseline_error"].get_ydata(), marked[baseline]["relative_error"])
+    explorer.clip_eps.value = 20.0
+    assert calls == [base.replace(scale=100.0, clip_eps=explorer.clip_eps.value)]
+    explorer.clip_eps.value = 0.2
+    assert len(calls) == 1
+    np.testing.assert_array_equal(explorer.lines["error"].get_ydata(), marked[chosen]["relative_error"])
+    with pytest.raises(TypeError, match="runs must map ToyCriticConfig"):
+        ToyCriticExplorer(base=base, runs={0.2: marked[chosen]})
+    with pytest.raises(ValueError, match=r"runs\[.*\] is not a run_toy_critic result: it has no \['clip_fraction'\]"):
+        ToyCriticExplorer(base=base, runs={chosen: {"relative_error": [1.0]}})
+
+
 def test_cli_rejects_bad_arguments_and_draws_the_key_figure(tmp_path, capsys):
     """Bad --value-clip-eps / --reward-scaling values exit with a message; `figure` writes a PNG of a results file."""
     for bad in (["--value-clip-eps", "-1"], ["--reward-scaling", "maybe"]):

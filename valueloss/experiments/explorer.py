@@ -9,6 +9,7 @@ the chosen setting next to the unclipped baseline at the same scale. The figure 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
@@ -28,13 +29,26 @@ class ToyCriticExplorer:
         figure: the matplotlib Figure; ``lines`` maps ``"error"``, ``"baseline_error"``, ``"clip_fraction"``
             to its Line2D artists.
         summary: an ``HTML`` widget with the iterations to the target error.
+
+    Every setting is run once: moving back to a setting shown before redraws its stored run. ``runs`` hands
+    in runs made elsewhere (``{config: run_toy_critic(config)}``, as notebook 05 does with its runs at
+    scale 100), which are then shown without running them again.
     """
 
     def __init__(self, scale: float = 100.0, clip_eps: float | None = 0.2, *, normalize_returns: bool = False,
-                 threshold: float = 0.05, base: ToyCriticConfig | None = None) -> None:
+                 threshold: float = 0.05, base: ToyCriticConfig | None = None,
+                 runs: Mapping[ToyCriticConfig, Mapping] | None = None) -> None:
         self.base = base if base is not None else ToyCriticConfig()
         self.threshold = threshold
-        self._baselines: dict[tuple, dict] = {}
+        self._runs: dict[ToyCriticConfig, Mapping] = {}
+        for config, run in (runs or {}).items():
+            if not isinstance(config, ToyCriticConfig) or not isinstance(run, Mapping):
+                raise TypeError(f"runs must map ToyCriticConfig to a run_toy_critic result; got "
+                                f"{type(config).__name__} -> {type(run).__name__}")
+            missing = {"relative_error", "clip_fraction"} - set(run)
+            if missing:
+                raise ValueError(f"runs[{config}] is not a run_toy_critic result: it has no {sorted(missing)}")
+            self._runs[config] = run
         slider = dict(continuous_update=False, style={"description_width": "initial"},
                       layout=widgets.Layout(width="360px"))
         self.scale = widgets.FloatLogSlider(value=scale, base=10, min=-1, max=3, step=0.25,
@@ -69,16 +83,18 @@ class ToyCriticExplorer:
         return self.base.replace(scale=float(self.scale.value), normalize_returns=bool(self.normalize.value),
                                  clip_eps=None if self.no_clip.value else float(self.clip_eps.value))
 
+    def run(self, config: ToyCriticConfig) -> Mapping:
+        """The toy critic's run of ``config``: run now, or the stored one if this setting was run before."""
+        if config not in self._runs:
+            self._runs[config] = run_toy_critic(config)
+        return self._runs[config]
+
     def update(self, change: object = None) -> None:
-        """Re-run the chosen setting (the baseline is cached per scale) and redraw."""
+        """Run the chosen setting and the unclipped baseline at its scale (or reuse their runs) and redraw."""
         config = self.config()
         self.clip_eps.disabled = self.no_clip.value
-        baseline_config = config.replace(clip_eps=None)
-        key = (baseline_config.scale, baseline_config.normalize_returns)
-        if key not in self._baselines:
-            self._baselines[key] = run_toy_critic(baseline_config)
-        baseline = self._baselines[key]
-        chosen = baseline if config.clip_eps is None else run_toy_critic(config)
+        baseline = self.run(config.replace(clip_eps=None))
+        chosen = self.run(config)
         iterations = range(len(chosen["relative_error"]))
         self.lines["error"].set_data(iterations, chosen["relative_error"])
         self.lines["baseline_error"].set_data(iterations, baseline["relative_error"])
