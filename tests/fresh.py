@@ -6,7 +6,9 @@ stages in the order of :data:`STAGES` and reports, after each stage, its output 
 blamed for a module only if no earlier stage loaded it, and the order is chosen so that this never hides
 a module a test forbids: a module forbidden at a stage is forbidden at every earlier one too (the core
 forbids everything the CLI, valueloss.batch or valueloss.distributed may not load; matplotlib's pyplot
-and ipympl, forbidden to valueloss.viz, are parts of matplotlib, which every earlier stage forbids).
+and ipympl, forbidden to valueloss.viz, are parts of matplotlib, which every earlier stage forbids). The
+last stage, valueloss.experiments without scipy, is the exception: a scipy loaded by an earlier stage would
+fail its test (blaming the wrong stage, never passing wrongly).
 A stage that raises stops the run: later stages report that they did not run.
 """
 
@@ -48,6 +50,9 @@ STAGES = [
      "before = snapshot()\n"
      "import valueloss.viz.plotting, valueloss.viz.widgets\n"
      "print('rcParams unchanged' if snapshot() == before else 'rcParams changed')\n"),
+    ("import valueloss.experiments",
+     "import valueloss.experiments, valueloss.experiments.cli, valueloss.experiments.figures\n"
+     "from valueloss.experiments import ToyCriticConfig, run_ppo, run_toy_critic\n"),
 ]
 
 _RUNNER = r"""

@@ -16,11 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import fresh
 import numpy as np
 import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from valueloss import experiments
 from valueloss.experiments import cli, figures, ppo, results, stats, toy_critic
 from valueloss.experiments.explorer import ToyCriticExplorer
 
@@ -362,6 +364,18 @@ def test_explorer_controls_rerun_the_toy_critic():
     explorer.no_clip.value = True
     np.testing.assert_allclose(explorer.lines["error"].get_ydata(), explorer.lines["baseline_error"].get_ydata())
     assert "no clipping" in explorer.summary.value and explorer.image.value[:4] == b"\x89PNG"
+
+
+def test_importing_experiments_leaves_scipy_for_the_statistics():
+    """valueloss.experiments, its CLI (each worker process imports it) and its figures import scipy only when a
+    statistic is first used (in a fresh interpreter, tests/fresh.py); the statistics are still package attributes."""
+    modules = fresh.stage("import valueloss.experiments")["modules"]
+    assert "valueloss.experiments.cli" in modules and "gymnasium" in modules
+    assert [m for m in modules if m.split(".")[0] == "scipy" or m == "valueloss.experiments.stats"] == []
+    assert experiments.iqm is stats.iqm and experiments.stratified_bootstrap_ci is stats.stratified_bootstrap_ci
+    assert {"iqm", "curve_iqm_ci", "run_ppo"} <= set(dir(experiments))
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        experiments.nope  # noqa: B018
 
 
 def test_explorer_runs_each_setting_once_and_shows_runs_handed_in(monkeypatch):

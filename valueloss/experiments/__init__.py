@@ -6,10 +6,26 @@ Figures live in :mod:`valueloss.experiments.figures` and the widget in :mod:`val
 (imported on demand: this package itself does not import matplotlib or ipywidgets).
 """
 
+import importlib
+
 from .ppo import PPOConfig, compute_gae, run_ppo
 from .results import final_scores, load_results, runs_by_condition
-from .stats import curve_iqm_ci, iqm, iqm_difference_ci, stratified_bootstrap_ci
 from .toy_critic import ToyCriticConfig, iterations_to_reach, run_toy_critic
+
+# The statistics need scipy.stats (~0.7 s to import): loaded at their first use, so that the toy critic, a
+# PPO run and the CLI's worker processes start without it.
+_STATS = ("curve_iqm_ci", "iqm", "iqm_difference_ci", "stratified_bootstrap_ci")
+
+
+def __getattr__(name: str):
+    if name in _STATS:
+        return getattr(importlib.import_module(".stats", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_STATS))
+
 
 __all__ = [
     "PPOConfig",

@@ -15,7 +15,6 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from .results import curve_matrix, final_scores, runs_by_condition
-from .stats import curve_iqm_ci, stratified_bootstrap_ci
 
 __all__ = [
     "OKABE_ITO", "condition_styles", "key_figure", "plot_toy_curves", "plot_learning_curves", "plot_final_scores"
@@ -105,13 +104,15 @@ def plot_learning_curves(
     (:func:`~valueloss.experiments.stats.curve_iqm_ci`). Colour: value clipping; line style: reward
     scaling (:func:`condition_styles`).
     """
+    from . import stats  # scipy.stats, imported when a figure needs it (plot_toy_curves does not)
+
     ax = _axes(ax)
     styles = condition_styles(results)
     for label, runs in runs_by_condition(results).items():
         steps = curve_matrix(runs, "global_step")[0]
         matrix = curve_matrix(runs, key)
         keep = np.all(np.isfinite(matrix), axis=0)  # e.g. before the first finished episode
-        center, low, high = curve_iqm_ci(matrix[:, keep], reps=reps)
+        center, low, high = stats.curve_iqm_ci(matrix[:, keep], reps=reps)
         color, linestyle = styles[label]["color"], styles[label]["linestyle"]
         ax.plot(steps[keep], center, color=color, linestyle=linestyle, linewidth=1.6, label=f"{label} (n={len(runs)})")
         ax.fill_between(steps[keep], low, high, color=color, alpha=0.15, linewidth=0)
@@ -134,13 +135,15 @@ def plot_final_scores(
 
     Colour: value clipping; marker and bar style: reward scaling (:func:`condition_styles`).
     """
+    from . import stats  # scipy.stats, imported when a figure needs it (plot_toy_curves does not)
+
     ax = _axes(ax)
     groups = runs_by_condition(results)
     styles = condition_styles(results)
     labels = []
     for i, (label, runs) in enumerate(groups.items()):
         scores = final_scores(runs, key, last_fraction)
-        estimate, low, high = stratified_bootstrap_ci(scores, reps=reps)
+        estimate, low, high = stats.stratified_bootstrap_ci(scores, reps=reps)
         color = styles[label]["color"]
         bar = ax.errorbar([estimate], [i], xerr=[[estimate - low], [high - estimate]], fmt=styles[label]["marker"],
                           color=color, capsize=4, markersize=8, label="IQM and 95% CI" if i == 0 else None)
