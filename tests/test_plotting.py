@@ -255,7 +255,7 @@ def test_ax_must_be_an_axes():
 
 
 def test_import_does_not_touch_pyplot():
-    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl; rcParams stay."""
+    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor anywidget; rcParams stay."""
     code = (
         "import sys, matplotlib\n"
         "def snapshot():\n"
@@ -263,7 +263,7 @@ def test_import_does_not_touch_pyplot():
         "before = snapshot()\n"
         "import valueloss.viz.plotting, valueloss.viz.widgets\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
-        "assert 'ipympl' not in sys.modules, 'ipympl imported'\n"
+        "assert 'anywidget' not in sys.modules, 'anywidget imported'\n"
         "assert snapshot() == before, 'rcParams changed'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -763,7 +763,7 @@ _FIRST_PAINTS = """
         byCell.set(cell, entry);
       }
       if (entry.done === null && /\\[\\d+\\]/.test(prompt)) entry.done = now;
-      const canvases = [...cell.querySelectorAll('.jupyter-matplotlib-canvas-div')].map(d => d.querySelector('canvas'));
+      const canvases = [...cell.querySelectorAll('.valueloss-figure')].map(d => d.querySelector('canvas'));
       const inked = (canvas) => {
         if (!canvas || !canvas.width || !canvas.height) return false;
         if (canvas.__vlInked) return true;

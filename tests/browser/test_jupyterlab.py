@@ -48,20 +48,20 @@ def test_explorer_redraws_in_jupyterlab(notebook, lab, page, widgets, served_roo
     assert unexpected_errors(lab.error_texts(), len(stubs)) == []
 
     paints = lab.first_paints()  # waits until every figure that appeared has painted
-    canvases = page.locator(".jupyter-matplotlib-canvas-div")
+    canvases = page.locator(".valueloss-figure")
     assert paints and all(p["paint"] is not None and p["done"] is not None for p in paints), paints
     first_paint = goals.first_paints(f"JupyterLab {stem}", paints)
     assert max(first_paint) <= goals.ceiling * goals.ms["first paint"], paints
     figures = [canvases.nth(i) for i in range(canvases.count())]
     boxes = goals.fits(page, figures, ".jp-NotebookPanel:not(.lm-mod-hidden)")
 
-    outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-canvas-div"))
+    outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".valueloss-figure"))
     explorer = outputs.filter(has=widgets.slider(page, "clip_eps")).first
     explorer.scroll_into_view_if_needed()
     artifacts(f"jupyterlab-{stem}-1280x800.png", page.screenshot())
     print(f"{stem}: figure boxes at 1280x800: {[(round(b['x']), round(b['width'])) for b in boxes]}")
     slider = widgets.slider(explorer, "clip_eps")
-    figure = explorer.locator(".jupyter-matplotlib-canvas-div").first  # the 1D explorer comes first
+    figure = explorer.locator(".valueloss-figure").first  # the 1D explorer comes first
     before = widgets.wait_until_stable(figure)
     box = figure.bounding_box()
     assert box["width"] > 400 and box["height"] > 250, f"explorer figure not drawn: {box}"
