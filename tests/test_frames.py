@@ -5,6 +5,7 @@ colour, width, dash and clip rectangle is checked against what matplotlib itself
 browser paints these ops to the same picture as Agg is checked in tests/browser/test_canvas_replay.py.
 """
 
+import io
 import json
 import struct
 
@@ -16,6 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from valueloss.viz.frames import pack_frame, record_artists  # noqa: E402
 
@@ -33,9 +35,8 @@ def decode(message: bytes) -> dict:
             op["xy"] = np.frombuffer(body, dtype="<f4", count=2 * count, offset=offset).reshape(count, 2)
             op["code_list"] = np.frombuffer(body, dtype=np.uint8, count=count, offset=op["codes"])
         else:
-            offset, width, height = op["image"]
-            op["rgba"] = np.frombuffer(body, dtype=np.uint8, count=4 * width * height,
-                                       offset=offset).reshape(height, width, 4)
+            offset, size = op["image"]
+            op["rgba"] = np.asarray(Image.open(io.BytesIO(body[offset:offset + size])).convert("RGBA"))
     return header
 
 

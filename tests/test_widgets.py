@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import token_grad, token_loss, token_region  # noqa: E402
 
-from valueloss.viz import plotting, widgets  # noqa: E402
+from valueloss.viz import frames, plotting, widgets  # noqa: E402
 
 
 def _per_token(fn, *arrays, **kwargs):
@@ -315,5 +315,30 @@ def test_fast_png_frames_decode_to_the_same_pixels():
     for shape in ((1, 1, 4), (7, 41, 4), (440, 840, 4)):
         rgba = rng.integers(0, 256, size=shape, dtype=np.uint8)
         rgba[: shape[0] // 2, :, :] = 0  # transparent black survives too
-        decoded = np.asarray(Image.open(io.BytesIO(widgets._png(rgba))).convert("RGBA"))
+        decoded = np.asarray(Image.open(io.BytesIO(frames.png_bytes(rgba))).convert("RGBA"))
         np.testing.assert_array_equal(decoded, rgba)
+
+
+def test_canvas_draws_at_the_screens_pixel_ratio():
+    """A page on a 2x screen sets pixel_ratio=2: the figure is redrawn at twice the dpi (background and frame);
+    odd values are kept to 1-4 (a page cannot ask for a 100x figure)."""
+    pytest.importorskip("anywidget")
+    import io
+
+    from PIL import Image
+
+    explorer = widgets.LossCurveExplorer(backend="canvas", num=101)
+    try:
+        view, dpi = explorer.view, explorer.figure.dpi
+        width, height = Image.open(io.BytesIO(view.background)).size
+        view.pixel_ratio = 2.0
+        assert explorer.figure.dpi == 2 * dpi
+        assert Image.open(io.BytesIO(view.background)).size == (2 * width, 2 * height)
+        header = view.frame[4:4 + int.from_bytes(view.frame[:4], "little")].decode()
+        assert f'"width":{2 * width}' in header.replace(".0", "")
+        view.pixel_ratio = 100.0
+        assert explorer.figure.dpi == 4 * dpi
+        view.pixel_ratio = float("nan")
+        assert explorer.figure.dpi == dpi
+    finally:
+        explorer.close()

@@ -32,7 +32,8 @@ PAINT = """async ([background, frame]) => {
   const parsed = window.__canvas.parseFrame(bytes(frame));
   const canvas = document.createElement('canvas');
   canvas.width = parsed.width; canvas.height = parsed.height;
-  window.__canvas.replay(canvas.getContext('2d'), parsed, bitmap);
+  const images = await window.__canvas.decodeImages(parsed);
+  window.__canvas.replay(canvas.getContext('2d'), parsed, bitmap, images);
   return canvas.toDataURL('image/png');
 }"""
 

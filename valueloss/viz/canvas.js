@@ -41,25 +41,25 @@ function tracePath(ctx, body, op) {
   }
 }
 
-let scratch = null;  // one off-screen canvas for images: putImageData ignores clipping and blending
+// The frame's images (PNG) as bitmaps, decoded off the page's main thread; in the order of its ops.
+export function decodeImages(frame) {
+  return Promise.all(frame.ops.filter((op) => op.image).map((op) => {
+    const [offset, size] = op.image;
+    return createImageBitmap(new Blob([new Uint8Array(frame.body, offset, size)], { type: 'image/png' }));
+  }));
+}
 
-export function replay(ctx, frame, background) {
+export function replay(ctx, frame, background, images) {
   ctx.save();
   ctx.setTransform(1, 0, 0, 1, 0, 0);
   ctx.clearRect(0, 0, ctx.canvas.width, ctx.canvas.height);
   if (background) ctx.drawImage(background, 0, 0);
+  let next = 0;
   for (const op of frame.ops) {
     ctx.save();
     if (op.clip) { ctx.beginPath(); ctx.rect(op.clip[0], op.clip[1], op.clip[2], op.clip[3]); ctx.clip(); }
     if (op.image) {
-      const [offset, w, h] = op.image;
-      if (w > 0 && h > 0) {
-        scratch = scratch || document.createElement('canvas');
-        scratch.width = w; scratch.height = h;
-        const pixels = new Uint8ClampedArray(frame.body, offset, 4 * w * h);
-        scratch.getContext('2d').putImageData(new ImageData(pixels, w, h), 0, 0);
-        ctx.drawImage(scratch, op.x, op.y);
-      }
+      ctx.drawImage(images[next++], op.x, op.y);
     } else {
       tracePath(ctx, frame.body, op);
       if (op.fill) { ctx.fillStyle = css(op.fill); ctx.fill(); }
@@ -82,16 +82,25 @@ function render({ model, el }) {
   el.classList.add('valueloss-figure');
   el.appendChild(canvas);
   const ctx = canvas.getContext('2d');
-  let background = null, backgroundId = null, decoding = null;
+  let background = null, backgroundId = null, decoding = null, latest = 0;
 
-  const paint = () => {
+  // Only the newest frame is painted: one whose images finish decoding after a newer frame arrived is dropped.
+  const paint = async () => {
+    const ticket = ++latest;
     const frame = parseFrame(model.get('frame'));
-    if (!frame || frame.background !== backgroundId) return;  // its background is still decoding
+    if (!frame) return;
+    const images = await decodeImages(frame);
+    if (ticket !== latest || frame.background !== backgroundId) {  // stale, or its background still decoding
+      images.forEach((image) => image.close());
+      return;
+    }
+    const ratio = model.get('pixel_ratio') || 1;
     if (canvas.width !== frame.width || canvas.height !== frame.height) {
       canvas.width = frame.width; canvas.height = frame.height;
-      canvas.style.width = `${frame.width}px`; canvas.style.height = `${frame.height}px`;
     }
-    replay(ctx, frame, background);
+    canvas.style.width = `${frame.width / ratio}px`; canvas.style.height = `${frame.height / ratio}px`;
+    replay(ctx, frame, background, images);
+    images.forEach((image) => image.close());
   };
   const load = () => {
     const id = model.get('background_id');
@@ -107,6 +116,11 @@ function render({ model, el }) {
   model.on('change:background', load);
   model.on('change:frame', paint);
   load();
+  // A screen with more pixels than CSS pixels (a "retina" screen): ask the kernel for a sharper figure.
+  if ((window.devicePixelRatio || 1) !== model.get('pixel_ratio')) {
+    model.set('pixel_ratio', window.devicePixelRatio || 1);
+    model.save_changes();
+  }
   return () => { if (background) background.close(); };
 }
 

@@ -21,12 +21,18 @@ __all__ = ["FigureView"]
 
 
 class FigureView(anywidget.AnyWidget):
-    """The live figure of an explorer: ``background`` (PNG bytes), ``background_id``, ``frame`` (bytes)."""
+    """The live figure of an explorer: ``background`` (PNG bytes), ``background_id``, ``frame`` (bytes).
+
+    ``pixel_ratio`` is set by the page: the screen's device pixels per CSS pixel (2 on most "retina"
+    screens). The figure is shown at its size in CSS pixels, so an explorer draws it at ``pixel_ratio``
+    times its dpi to stay sharp.
+    """
 
     _esm = Path(__file__).with_name("canvas.js")
     background = traitlets.Bytes(b"").tag(sync=True)
     background_id = traitlets.Int(0).tag(sync=True)
     frame = traitlets.Bytes(b"").tag(sync=True)
+    pixel_ratio = traitlets.Float(1.0).tag(sync=True)
 
     def show(self, figure, artists, background_png: bytes | None = None) -> None:
         """Send ``artists`` of ``figure`` as the new frame, with a new background first when one is given."""

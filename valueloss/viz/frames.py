@@ -19,19 +19,21 @@ The header is ``{"width", "height", "background", "ops"}``. Each op is a path
 ``{"path": [offset, count], "codes": offset, "fill": rgba | null, "stroke": rgba | null, "width": px,
 "dashes": [offset, [px, ...]] | null, "cap", "join", "clip": [x, y, w, h] | null}`` (``count`` vertices as
 float32 x, y pairs in canvas pixels, y downwards, and ``count`` uint8 matplotlib path codes) or an image
-``{"image": [offset, w, h], "x", "y", "clip"}`` (``w * h`` straight RGBA bytes, drawn with its top-left
-corner at ``x, y``). Offsets count bytes from the start of the body.
+``{"image": [offset, size], "x", "y", "clip"}`` (``size`` bytes of PNG: the RGBA pixels matplotlib made
+for the screen, drawn unscaled with their top-left corner at ``x, y``). Offsets count bytes from the start
+of the body.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import numpy as np
 from matplotlib.backend_bases import RendererBase
 
-__all__ = ["FrameRecorder", "pack_frame", "record_artists"]
+__all__ = ["FrameRecorder", "pack_frame", "png_bytes", "record_artists"]
 
 _CAPS = {"butt": "butt", "round": "round", "projecting": "square"}
 
@@ -96,10 +98,12 @@ class FrameRecorder(RendererBase):
         if transform is not None:
             raise ValueError("FrameRecorder draws images at their pixel size only (no image transform)")
         rows, cols = im.shape[:2]
-        rgba = np.ascontiguousarray(im[::-1], dtype=np.uint8)  # matplotlib's rows run upwards, a canvas's down
+        if rows == 0 or cols == 0:
+            return
+        png = png_bytes(np.ascontiguousarray(im[::-1], dtype=np.uint8))  # matplotlib's rows run upwards
         self.ops.append({
-            "image": [self._add(rgba.tobytes()), int(cols), int(rows)],
-            "x": float(x), "y": float(self.height - y - rows), "clip": self._clip(gc),
+            "image": [self._add(png), len(png)], "x": float(x), "y": float(self.height - y - rows),
+            "clip": self._clip(gc),
         })
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -136,3 +140,22 @@ def pack_frame(recorder: FrameRecorder, background: int = 0) -> bytes:
                          "ops": recorder.ops}, separators=(",", ":")).encode()
     header += b" " * (-(len(header) + 4) % 4)
     return struct.pack("<I", len(header)) + header + b"".join(recorder.chunks)
+
+
+def png_bytes(rgba: np.ndarray) -> bytes:
+    """``rgba`` (H, W, 4) uint8 as a PNG: no row filter, zlib level 1 (PNG spec, ISO/IEC 15948: IHDR, IDAT, IEND).
+
+    The live figure's background and images: without PIL's per-row filter search and at zlib's fastest
+    level a whole figure encodes in 2-4 ms instead of 6-9 ms (PIL, level 1) or 13-24 ms (PIL's default
+    level 6), for a size within 15% of PIL's.
+    """
+    height, width, _ = rgba.shape
+    rows = np.zeros((height, 4 * width + 1), dtype=np.uint8)  # a leading 0 per row: filter type "None"
+    rows[:, 1:] = rgba.reshape(height, 4 * width)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8 bits, RGBA, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 1))
+            + chunk(b"IEND", b""))
