@@ -115,3 +115,23 @@ def test_hatching_and_clip_paths_are_refused_not_drawn_differently(figure):
     line.set_clip_path(ax.patch.get_path(), ax.transAxes)
     with pytest.raises(ValueError, match="rectangular clipping only"):
         record_artists(fig, [line])
+
+
+def test_a_collection_in_one_opaque_style_is_one_op_with_every_item(figure):
+    """Opaque arrows of one colour become one compound path with all their vertices (painting them at once
+    gives the same pixels); several colours or transparency keep matplotlib's item-by-item drawing."""
+    fig, ax = figure
+    x, y = np.meshgrid([2.0, 5.0, 8.0], [3.0, 7.0])
+    arrows = ax.quiver(x, y, np.ones_like(x), np.zeros_like(x), color="black")
+    (op,) = decode(pack_frame(record_artists(fig, [arrows])))["ops"]
+    assert op["fill"] == pytest.approx([0, 0, 0, 1])
+    assert (op["code_list"] == 1).sum() == 6  # one MOVETO per arrow
+    tails = ax.transData.transform(np.column_stack([x.ravel(), y.ravel()]))
+    tails[:, 1] = 300 - tails[:, 1]
+    starts = op["xy"][op["code_list"] == 1]
+    assert all(np.linalg.norm(starts - tail, axis=1).min() < 6 for tail in tails)  # each arrow near its tail
+
+    coloured = ax.quiver(x, y, np.ones_like(x), np.zeros_like(x), color=["red", "blue"] * 3)
+    assert len(decode(pack_frame(record_artists(fig, [coloured])))["ops"]) == 6
+    faint = ax.quiver(x, y, np.ones_like(x), np.zeros_like(x), color="black", alpha=0.5)
+    assert len(decode(pack_frame(record_artists(fig, [faint])))["ops"]) == 6

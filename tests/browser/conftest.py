@@ -373,7 +373,7 @@ def page(browser_context, request):
 
 
 # --- driving widgets in a page ------------------------------------------------------------------------
-# A figure is an ipympl canvas (pixels) or an <img> (e.g. a PNG in an Output widget); its signature is a
+# A figure is a live canvas (pixels) or an <img> (e.g. a PNG in an Output widget); its signature is a
 # hash of what the browser shows, so it changes exactly when the displayed figure does.
 # Hashing a 1100x480 canvas costs 10-30 ms of the page's main thread here, the thread that also receives
 # and paints the figures: a watcher that hashed every animation frame slowed the page it measured by about

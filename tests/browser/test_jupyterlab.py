@@ -3,7 +3,7 @@
 ``01_clipped_loss_1d.ipynb`` (its 1D explorer, straight from valueloss.viz.widgets) and ``explorer.ipynb``
 (the app's dashboard, whose first figure is the same explorer driven by the shared sliders).
 Runs every cell through the Run menu, finds the 1D explorer (the output holding a ``clip_eps`` slider
-and an ipympl canvas), steps ``clip_eps`` with the keyboard and checks that the figure's pixels change
+and a live figure), steps ``clip_eps`` with the keyboard and checks that the figure's pixels change
 and that no cell shows an error, neither on screen nor in the notebook saved from the browser, except an
 exercise's stub (tagged ``raises-exception``, which JupyterLab runs past), whose ``NotImplementedError`` is the
 lesson. Every figure fits the window (inside the notebook panel, no sideways scrolling), each explorer paints

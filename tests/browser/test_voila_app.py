@@ -66,7 +66,7 @@ def app(browser_context, voila_server, widget_driver, artifacts):
 
 
 def figure(page, panel):
-    """The ipympl canvas of one panel of the dashboard."""
+    """The live figure of one panel of the dashboard."""
     return page.locator(f".valueloss-panel-{panel} .valueloss-figure")
 
 

@@ -31,7 +31,10 @@ import struct
 import zlib
 
 import numpy as np
+from matplotlib import colors
 from matplotlib.backend_bases import RendererBase
+from matplotlib.path import Path
+from matplotlib.transforms import Affine2D, IdentityTransform
 
 __all__ = ["FrameRecorder", "pack_frame", "png_bytes", "record_artists"]
 
@@ -93,6 +96,57 @@ class FrameRecorder(RendererBase):
             "fill": fill, "stroke": stroke, "width": width, "dashes": dashes,
             "cap": _CAPS[gc.get_capstyle()], "join": gc.get_joinstyle(), "clip": self._clip(gc),
         })
+
+    def draw_path_collection(self, gc, master_transform, paths, all_transforms, offsets, offset_trans,
+                             facecolors, edgecolors, linewidths, linestyles, antialiaseds, urls,
+                             offset_position, **kwargs) -> None:
+        """A collection in one opaque style (a quiver's arrows) as one compound path: one op, not one per item.
+
+        Painting opaque items of one colour one by one or all at once gives the same pixels; anything
+        else (several styles, transparency, hatching) goes item by item through matplotlib's own loop.
+        """
+        def opaque(rgba_list) -> bool:
+            return len(rgba_list) == 0 or (len(rgba_list) == 1 and colors.to_rgba(rgba_list[0])[3] == 1.0)
+
+        one_style = (len(linewidths) <= 1 and len(linestyles) <= 1 and opaque(facecolors) and opaque(edgecolors)
+                     and gc.get_hatch() is None and gc.get_alpha() == 1.0 and len(paths) > 0
+                     and (len(facecolors) or len(edgecolors)))
+        if not one_style:
+            super().draw_path_collection(gc, master_transform, paths, all_transforms, offsets, offset_trans,
+                                         facecolors, edgecolors, linewidths, linestyles, antialiaseds, urls,
+                                         offset_position, **kwargs)
+            return
+        # The items as matplotlib's loop makes them (RendererBase._iter_collection, 3.11): item i is
+        # path i (cycled), under its transform (cycled) and the master transform, moved by offset i.
+        count = max(len(paths), len(all_transforms), len(offsets))
+        moves = offset_trans.transform(np.asarray(offsets, dtype=float).reshape(-1, 2)) if len(offsets) else [(0, 0)]
+        pieces = []
+        for i in range(count):
+            xo, yo = moves[i % len(moves)]
+            if not (np.isfinite(xo) and np.isfinite(yo)):
+                continue
+            path = paths[i % len(paths)]
+            transform = master_transform
+            if len(all_transforms):
+                transform = Affine2D(all_transforms[i % len(all_transforms)]) + master_transform
+            vertices = transform.transform(path.vertices) + (xo, yo)
+            pieces.append(Path(vertices, path.codes))
+        if not pieces:
+            return
+        gc0 = self.new_gc()
+        gc0.copy_properties(gc)
+        if len(edgecolors):
+            if len(linewidths):
+                gc0.set_linewidth(linewidths[0])
+            if len(linestyles):
+                gc0.set_dashes(*linestyles[0])
+            gc0.set_foreground(colors.to_rgba(edgecolors[0]), isRGBA=True)
+        else:
+            gc0.set_linewidth(0.0)
+        gc0.set_antialiased(antialiaseds[0] if len(antialiaseds) else True)
+        self.draw_path(gc0, Path.make_compound_path(*pieces), IdentityTransform(),
+                       facecolors[0] if len(facecolors) else None)
+        gc0.restore()
 
     def draw_image(self, gc, x, y, im, transform=None) -> None:
         if transform is not None:
