@@ -1,4 +1,4 @@
-"""Latency of the slider explorers in-process: slider change -> recomputed artists -> canvas painted -> frame encoded.
+"""Latency of the slider explorers in-process: slider change -> recomputed artists -> canvas painted / frame recorded.
 
 Run from the repository root::
 
@@ -9,11 +9,11 @@ For each explorer (the 1D loss/gradient explorer, the 256 x 256 surface explorer
 explorer, with the headless Agg backend) it times ``controls["clip_eps"].value = x`` for alternating
 values: that runs the observer, recomputes every array through ``valueloss.functional``, moves the
 artists and paints the Agg canvas (the explorer's fast path: changed artists blitted onto the cached
-background; the canvas then holds the full picture, as a test checks). Then the same with the ipympl
-canvas that JupyterLab and Voilà show (``ipympl frame``): the change plus encoding the changed pixels as
-the PNG ipympl sends (the sending itself is left out: there is no browser). ``dashboard`` is one change of
-the app's shared ``clip_eps``, which redraws all three ipympl figures in turn. As baselines, measured in the
-same process:
+background; the canvas then holds the full picture, as a test checks). Then the same with the live
+figure that JupyterLab and Voilà show (``live frame``, the ``"canvas"`` backend): the change plus writing
+down the paths and images of the moving artists as the message the browser replays (the sending itself
+is left out: there is no browser). ``dashboard`` is one change of the app's shared ``clip_eps``, which
+updates all three live figures in turn. As baselines, measured in the same process:
 
 * ``full redraw``: the same change followed by a complete ``canvas.draw()`` of the figure (what a
   naive explorer would pay);
@@ -101,14 +101,14 @@ def time_explorer(explorer, values: list, repeats: int) -> dict:
     return {"fast": _median_ms(fast), "full": _median_ms(full)}
 
 
-def time_ipympl(make, values: list, repeats: int) -> float | None:
-    """Median ms of a clip_eps change on the ipympl canvas, the PNG frame included (None without ipympl)."""
+def time_live(make, values: list, repeats: int) -> float | None:
+    """Median ms of a clip_eps change on the live figure, its frame included (None without anywidget)."""
     try:
-        explorer = make("ipympl")
-    except RuntimeError:  # ipympl missing: the explorer says so
+        explorer = make("canvas")
+    except RuntimeError:  # anywidget missing: the explorer says so
         return None
     frames = []
-    explorer.canvas.send_binary = frames.append  # keep the frame, send nothing
+    explorer.view.observe(lambda change: frames.append(len(change["new"])), names="frame")
     control = explorer.controls["clip_eps"]
     control.value = 0.5  # warm-up
     samples = []
@@ -117,20 +117,18 @@ def time_ipympl(make, values: list, repeats: int) -> float | None:
         control.value = values[i % len(values)]
         samples.append(time.perf_counter() - start)
     explorer.close()
-    assert frames, "the ipympl canvas produced no frame"
+    assert len(frames) == repeats + 1, "the live figure did not get one frame per change"
     return _median_ms(samples)
 
 
 def time_dashboard(values: list, repeats: int) -> float | None:
-    """Median ms of one change of the app's shared clip_eps: three ipympl frames (None without ipympl)."""
+    """Median ms of one change of the app's shared clip_eps: three live frames (None without anywidget)."""
     from valueloss.viz import app
 
     try:
-        board = app.Dashboard(backend="ipympl")
+        board = app.Dashboard(backend="canvas")
     except RuntimeError:
         return None
-    for explorer in board.explorers.values():
-        explorer.canvas.send_binary = lambda data: None
     control = board.controls["clip_eps"]
     control.value = 0.5
     samples = []
@@ -158,7 +156,7 @@ def time_empty_figure(figsize: tuple, ncols: int, repeats: int) -> float:
 
 
 def run(repeats: int) -> dict:
-    """Measure the explorers; returns {name: {"fast", "ipympl", "full", "empty", "target"}} in milliseconds."""
+    """Measure the explorers; returns {name: {"fast", "live", "full", "empty", "target"}} in milliseconds."""
     # 0.05 and 0.95 alternate so that every change really changes the picture; a few more values
     # keep the sequence from being a two-state toggle.
     values = [0.05, 0.95, 0.3, 0.7, 0.15]
@@ -171,12 +169,12 @@ def run(repeats: int) -> dict:
         explorer = make("agg")
         explorer.controls["clip_eps"].value = 0.5  # warm-up: first change pays one-off costs
         timing = time_explorer(explorer, values, repeats)
-        timing["ipympl"] = time_ipympl(make, values, repeats)
+        timing["live"] = time_live(make, values, repeats)
         timing["empty"] = time_empty_figure(explorer.figsize, len(explorer.axes), repeats)
         timing["target"] = TARGETS_MS[name]
         explorer.close()
         results[name] = timing
-    results["dashboard"] = {"ipympl": time_dashboard(values, repeats)}
+    results["dashboard"] = {"live": time_dashboard(values, repeats)}
     return results
 
 
@@ -186,7 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 changes per explorer: a smoke run, not a measurement")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
-    print("valueloss widget latency, in-process: slider change -> recompute -> canvas painted (-> ipympl frame)")
+    print("valueloss widget latency, in-process: slider change -> recompute -> canvas painted (or live frame recorded)")
     for key, value in machine_info().items():
         print(f"  {key:<26} {value}")
     print(f"  {'changes per explorer':<26} {repeats}{' (quick: not a measurement)' if args.quick else ''}")
@@ -195,14 +193,14 @@ def main(argv=None) -> int:
     def ms(value) -> str:
         return "n/a" if value is None else f"{value:.1f} ms"
 
-    print(f"{'explorer':<26} {'median':>9} {'target':>8} {'met':>4} {'ipympl frame':>13} {'full redraw':>12}"
+    print(f"{'explorer':<26} {'median':>9} {'target':>8} {'met':>4} {'live frame':>13} {'full redraw':>12}"
           f" {'empty figure':>13} {'full/median':>12}")
     for name, t in results.items():
         if name == "dashboard":
-            print(f"{'dashboard (all three)':<26} {'':>9} {'':>8} {'':>4} {ms(t['ipympl']):>13}")
+            print(f"{'dashboard (all three)':<26} {'':>9} {'':>8} {'':>4} {ms(t['live']):>13}")
             continue
         met = "yes" if t["fast"] <= t["target"] else "no"
-        print(f"{name:<26} {t['fast']:>6.1f} ms {t['target']:>5.0f} ms {met:>4} {ms(t['ipympl']):>13}"
+        print(f"{name:<26} {t['fast']:>6.1f} ms {t['target']:>5.0f} ms {met:>4} {ms(t['live']):>13}"
               f" {t['full']:>9.1f} ms {t['empty']:>10.1f} ms {t['full'] / t['fast']:>11.1f}x")
     return 0
 

@@ -2,13 +2,13 @@
 
 Each of those tests used to start ``python`` (and import torch) of its own. Here one process runs their
 stages in the order of :data:`STAGES` and reports, after each stage, its output and every module then in
-``sys.modules``; a test asserts on its stage with :func:`stage`. The modules are cumulative, so a stage is
-blamed for a module only if no earlier stage loaded it, and the order is chosen so that this never hides
-a module a test forbids: a module forbidden at a stage is forbidden at every earlier one too (the core
-forbids everything the CLI, valueloss.batch or valueloss.distributed may not load; matplotlib's pyplot
-and ipympl, forbidden to valueloss.viz, are parts of matplotlib, which every earlier stage forbids). The
-last stage, valueloss.experiments without scipy, is the exception: a scipy loaded by an earlier stage would
-fail its test (blaming the wrong stage, never passing wrongly).
+``sys.modules``; a test asserts on its stage with :func:`stage`. The modules are cumulative, so a test sees
+a module its stage loads whichever stage loaded it first: it cannot pass while its own import loads a
+forbidden module, but it can fail for an earlier stage's. The order puts the stages that forbid most first
+to keep the blame where it belongs: the core forbids everything the CLI, valueloss.batch and
+valueloss.distributed may not load, and every stage before valueloss.viz forbids matplotlib, of which
+pyplot is part (scipy, forbidden to the last stage, valueloss.experiments, is an extra none of the others
+needs).
 A stage that raises stops the run: later stages report that they did not run.
 """
 

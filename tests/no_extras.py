@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 BLOCKED = frozenset({
-    "matplotlib", "ipywidgets", "ipympl", "jupyterlab", "IPython", "ipykernel", "scipy", "tqdm", "gymnasium",
+    "matplotlib", "ipywidgets", "anywidget", "jupyterlab", "IPython", "ipykernel", "scipy", "tqdm", "gymnasium",
     "safetensors", "voila", "PIL", "pillow", "nbval", "nbformat", "playwright",
 })
 

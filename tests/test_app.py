@@ -1,7 +1,5 @@
 """valueloss.viz.app: the shared controls drive the right explorers, and the figures show the new settings."""
 
-import base64
-import io
 
 import matplotlib
 
@@ -121,24 +119,16 @@ def test_out_of_range_settings_are_rejected(kwargs, error, message):
         app.Dashboard(backend="agg", **kwargs)
 
 
-def test_repaired_ipympl_canvas_sends_png_and_keeps_a_data_url():
-    """Before a front-end attaches, a redraw sends real PNG bytes and stores a data: URL (ipympl 0.10 work-around)."""
-    pytest.importorskip("ipympl")
-    from PIL import Image
-
-    board = app.Dashboard(backend="ipympl")
+def test_canvas_dashboard_sends_one_frame_per_figure_for_a_shared_change():
+    """With live figures, one shared clip_eps change sends one new frame to each of the three views, no background."""
+    pytest.importorskip("anywidget")
+    board = app.Dashboard(backend="canvas")
     try:
-        canvas = board.explorers["loss_curve"].canvas
-        sent = []
-        canvas.send = lambda content, buffers=None: sent.append((content, buffers))
+        sent = {name: [] for name in board.explorers}
+        for name, explorer in board.explorers.items():
+            explorer.view.observe(lambda change, name=name: sent[name].append(change["name"]),
+                                  names=["frame", "background"])
         board.controls["clip_eps"].value = 0.4
-        binaries = [buffers[0] for content, buffers in sent if buffers]
-        assert binaries, "no picture was sent"
-        for data in binaries:
-            Image.open(io.BytesIO(bytes(data))).verify()  # raises unless a valid PNG
-        for explorer in board.explorers.values():
-            url = explorer.canvas._data_url
-            assert url.startswith("data:image/png;base64,")
-            assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert sent == {name: ["frame"] for name in board.explorers}
     finally:
         board.close()

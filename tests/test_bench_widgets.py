@@ -19,7 +19,7 @@ def test_bench_widgets_quick_run_reports_machine_and_medians(capsys):
     assert _load_benchmark().main(["--quick"]) == 0
     out = capsys.readouterr().out
     for needle in ("cpu", "cores", "torch", "matplotlib", "1D explorer", "surface explorer 256x256",
-                   "gradient explorer 256x256", "ipympl frame", "dashboard (all three)"):
+                   "gradient explorer 256x256", "live frame", "dashboard (all three)"):
         assert needle in out, f"{needle!r} missing from:\n{out}"
     rows = [line for line in out.splitlines()
             if line.startswith(("1D explorer", "surface explorer", "gradient explorer"))]

@@ -254,12 +254,12 @@ def test_ax_must_be_an_axes():
 
 
 def test_import_does_not_touch_pyplot():
-    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor ipympl; rcParams stay
+    """Importing valueloss.viz.plotting and valueloss.viz.widgets loads neither pyplot nor anywidget; rcParams stay
     (in a fresh interpreter, tests/fresh.py)."""
     result = fresh.stage("import valueloss.viz")
     assert "valueloss.viz.widgets" in result["modules"]
     assert "matplotlib.pyplot" not in result["modules"], "pyplot imported"
-    assert "ipympl" not in result["modules"], "ipympl imported"
+    assert "anywidget" not in result["modules"], "anywidget imported"
     assert result["stdout"] == "rcParams unchanged\n"
 
 

@@ -1,7 +1,5 @@
 """valueloss.viz.widgets: moving each control in code changes what the figure shows, correctly."""
 
-import subprocess
-import sys
 
 import matplotlib
 
@@ -12,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import token_grad, token_loss, token_region  # noqa: E402
 
-from valueloss.viz import plotting, widgets  # noqa: E402
+from valueloss.viz import frames, plotting, widgets  # noqa: E402
 
 
 def _per_token(fn, *arrays, **kwargs):
@@ -160,34 +158,59 @@ def test_image_fallback_rerenders_png():
         explorer.close()
 
 
-def test_ipympl_backend_builds_a_canvas_widget_and_updates():
-    """backend='ipympl' puts an ipympl Canvas in the box; moving a slider still updates the artist data."""
-    pytest.importorskip("ipympl")
-    explorer = widgets.LossCurveExplorer(backend="ipympl", num=101)
-    try:
-        from ipympl.backend_nbagg import Canvas
+def test_canvas_backend_sends_one_frame_per_change_and_the_background_only_when_it_changes():
+    """backend='canvas' shows a FigureView; a slider change sends exactly one new frame (and the artist data
+    move); the background PNG is re-sent only when the axes change (the surface explorer's extent)."""
+    pytest.importorskip("anywidget")
+    from valueloss.viz.canvas import FigureView
 
-        assert isinstance(explorer.canvas, Canvas) and explorer.canvas in explorer.widget.children
-        sent = []
-        explorer.canvas.send_binary = sent.append  # what ipympl would push to the browser
+    explorer = widgets.LossCurveExplorer(backend="canvas", num=101)
+    surface = widgets.SurfaceExplorer(backend="canvas", num=32)
+    try:
+        view = explorer.view
+        assert isinstance(view, FigureView) and view in explorer.widget.children
+        assert view.background.startswith(b"\x89PNG") and view.frame
+        frames, backgrounds = [], []
+        view.observe(lambda change: frames.append(change["new"]), names="frame")
+        view.observe(lambda change: backgrounds.append(change["new"]), names="background")
         explorer.controls["old_value"].value = 0.9
         assert explorer.artists["old_value"].get_xdata()[0] == pytest.approx(0.9)
-        assert len(sent) == 1, "a slider change should push exactly one new picture to the browser"
+        assert len(frames) == 1 and backgrounds == [], "one change: one frame, the same background"
         assert controls_description(explorer) == ["clip_eps", "old_value", "return"]
+
+        first = surface.view.background_id
+        surface.controls["clip_eps"].value = 0.5
+        assert surface.view.background_id == first, "clip_eps moves no axis: the background stays"
+        surface.controls["extent"].value = 2.0
+        assert surface.view.background_id == first + 1, "a new extent means new axes: a new background"
     finally:
         explorer.close()
+        surface.close()
 
 
-def test_ipympl_explorer_leaves_the_pyplot_backend_alone():
-    """Building an ipympl explorer does not switch pyplot's backend (ipympl's import would)."""
-    code = (
-        "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt\n"
-        "from valueloss.viz import widgets\n"
-        "e = widgets.LossCurveExplorer(backend='ipympl')\n"
-        "assert matplotlib.get_backend().lower() == 'agg', matplotlib.get_backend()\n"
-        "assert type(e.canvas).__name__ == 'Canvas'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_canvas_background_is_the_figure_without_its_moving_artists():
+    """The background PNG is Agg's picture with the moving artists left out, and to_png() the whole figure."""
+    pytest.importorskip("anywidget")
+    import io
+
+    from PIL import Image
+
+    live = widgets.GradientExplorer(backend="canvas", num=32, clip_eps=0.3)
+    still = widgets.GradientExplorer(backend="agg", num=32, clip_eps=0.3)
+    try:
+        background = np.asarray(Image.open(io.BytesIO(live.view.background)).convert("RGBA"))
+        for artist in still.artists.values():
+            artist.set_visible(False)
+        still.figure.canvas.draw()
+        np.testing.assert_array_equal(background, pixels(still))
+        for artist in still.artists.values():
+            artist.set_visible(True)
+        still.figure.canvas.draw()
+        whole = np.asarray(Image.open(io.BytesIO(live.to_png())).convert("RGBA"))
+        np.testing.assert_array_equal(whole, pixels(still))
+    finally:
+        live.close()
+        still.close()
 
 
 def test_bad_backend_is_rejected():
@@ -202,31 +225,6 @@ def test_factories_return_explorers():
     assert isinstance(explorer, widgets.LossCurveExplorer) and explorer.params["clip_eps"] == 0.3
     assert isinstance(widgets.surface_explorer(backend="agg", num=16), widgets.SurfaceExplorer)
     assert isinstance(widgets.gradient_explorer(backend="agg", num=16), widgets.GradientExplorer)
-
-
-def test_ipympl_canvas_sends_png_before_a_front_end_attaches():
-    """An explorer drawn before display sends real PNG bytes and stores a data: URL (ipympl 0.10.0 work-around)."""
-    pytest.importorskip("ipympl")
-    import base64
-    import io
-
-    from PIL import Image
-
-    explorer = widgets.LossCurveExplorer(backend="ipympl")
-    try:
-        canvas = explorer.canvas
-        url = canvas._data_url
-        assert url.startswith("data:image/png;base64,")
-        assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-        sent = []
-        canvas.send = lambda content, buffers=None: sent.append(buffers)
-        explorer.controls["clip_eps"].value = 0.4
-        binaries = [buffers[0] for buffers in sent if buffers]
-        assert binaries, "no picture was sent"
-        for data in binaries:
-            Image.open(io.BytesIO(bytes(data))).verify()  # raises unless a valid PNG
-    finally:
-        explorer.close()
 
 
 def _artist_data(artist):
@@ -308,7 +306,7 @@ def test_live_figures_draw_what_the_plotting_functions_draw():
 
 
 def test_fast_png_frames_decode_to_the_same_pixels():
-    """The explorers' own PNG encoder (ipympl frames) round-trips through PIL pixel for pixel, transparency too."""
+    """The explorers' own PNG encoder (the live figure's background) round-trips through PIL pixel for pixel."""
     import io
 
     from PIL import Image
@@ -316,28 +314,31 @@ def test_fast_png_frames_decode_to_the_same_pixels():
     rng = np.random.default_rng(0)
     for shape in ((1, 1, 4), (7, 41, 4), (440, 840, 4)):
         rgba = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        rgba[: shape[0] // 2, :, :] = 0  # unchanged pixels of a diff frame: transparent black
-        decoded = np.asarray(Image.open(io.BytesIO(widgets._png(rgba))).convert("RGBA"))
+        rgba[: shape[0] // 2, :, :] = 0  # transparent black survives too
+        decoded = np.asarray(Image.open(io.BytesIO(frames.png_bytes(rgba))).convert("RGBA"))
         np.testing.assert_array_equal(decoded, rgba)
 
 
-def test_ipympl_frames_are_whole_pictures():
-    """Each picture an ipympl explorer sends is the whole canvas after its change, marked "full" (so a
-    picture lost in the browser, as ipympl 0.10.0 loses one arriving while the last decodes, is harmless)."""
-    pytest.importorskip("ipympl")
+def test_canvas_draws_at_the_screens_pixel_ratio():
+    """A page on a 2x screen sets pixel_ratio=2: the figure is redrawn at twice the dpi (background and frame);
+    odd values are kept to 1-4 (a page cannot ask for a 100x figure)."""
+    pytest.importorskip("anywidget")
     import io
 
     from PIL import Image
 
-    explorer = widgets.LossCurveExplorer(backend="ipympl", num=101)
+    explorer = widgets.LossCurveExplorer(backend="canvas", num=101)
     try:
-        frames = []
-        explorer.canvas.send_binary = frames.append
-        for name, value in (("clip_eps", 0.6), ("return", -1.2), ("old_value", 1.4)):
-            explorer.controls[name].value = value
-            assert len(frames) == 1, f"{len(frames)} pictures for one change of {name}"
-            picture = np.asarray(Image.open(io.BytesIO(bytes(frames.pop()))).convert("RGBA"))
-            np.testing.assert_array_equal(picture, pixels(explorer))
-            assert explorer.canvas._image_mode == "full"
+        view, dpi = explorer.view, explorer.figure.dpi
+        width, height = Image.open(io.BytesIO(view.background)).size
+        view.pixel_ratio = 2.0
+        assert explorer.figure.dpi == 2 * dpi
+        assert Image.open(io.BytesIO(view.background)).size == (2 * width, 2 * height)
+        header = view.frame[4:4 + int.from_bytes(view.frame[:4], "little")].decode()
+        assert f'"width":{2 * width}' in header.replace(".0", "")
+        view.pixel_ratio = 100.0
+        assert explorer.figure.dpi == 4 * dpi
+        view.pixel_ratio = float("nan")
+        assert explorer.figure.dpi == dpi
     finally:
         explorer.close()

@@ -373,7 +373,7 @@ def page(browser_context, request):
 
 
 # --- driving widgets in a page ------------------------------------------------------------------------
-# A figure is an ipympl canvas (pixels) or an <img> (e.g. a PNG in an Output widget); its signature is a
+# A figure is a live canvas (pixels) or an <img> (e.g. a PNG in an Output widget); its signature is a
 # hash of what the browser shows, so it changes exactly when the displayed figure does.
 # Hashing a 1100x480 canvas costs 10-30 ms of the page's main thread here, the thread that also receives
 # and paints the figures: a watcher that hashed every animation frame slowed the page it measured by about
@@ -763,7 +763,7 @@ _FIRST_PAINTS = """
         byCell.set(cell, entry);
       }
       if (entry.done === null && /\\[\\d+\\]/.test(prompt)) entry.done = now;
-      const canvases = [...cell.querySelectorAll('.jupyter-matplotlib-canvas-div')].map(d => d.querySelector('canvas'));
+      const canvases = [...cell.querySelectorAll('.valueloss-figure')].map(d => d.querySelector('canvas'));
       const inked = (canvas) => {
         if (!canvas || !canvas.width || !canvas.height) return false;
         if (canvas.__vlInked) return true;

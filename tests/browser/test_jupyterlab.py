@@ -3,7 +3,7 @@
 ``01_clipped_loss_1d.ipynb`` (its 1D explorer, straight from valueloss.viz.widgets) and ``explorer.ipynb``
 (the app's dashboard, whose first figure is the same explorer driven by the shared sliders).
 Runs every cell through the Run menu, finds the 1D explorer (the output holding a ``clip_eps`` slider
-and an ipympl canvas), steps ``clip_eps`` with the keyboard and checks that the figure's pixels change
+and a live figure), steps ``clip_eps`` with the keyboard and checks that the figure's pixels change
 and that no cell shows an error, neither on screen nor in the notebook saved from the browser, except an
 exercise's stub (tagged ``raises-exception``, which JupyterLab runs past), whose ``NotImplementedError`` is the
 lesson. Every figure fits the window (inside the notebook panel, no sideways scrolling), each explorer paints
@@ -48,20 +48,20 @@ def test_explorer_redraws_in_jupyterlab(notebook, lab, page, widgets, served_roo
     assert unexpected_errors(lab.error_texts(), len(stubs)) == []
 
     paints = lab.first_paints()  # waits until every figure that appeared has painted
-    canvases = page.locator(".jupyter-matplotlib-canvas-div")
+    canvases = page.locator(".valueloss-figure")
     assert paints and all(p["paint"] is not None and p["done"] is not None for p in paints), paints
     first_paint = goals.first_paints(f"JupyterLab {stem}", paints)
     assert max(first_paint) <= goals.ceiling * goals.ms["first paint"], paints
     figures = [canvases.nth(i) for i in range(canvases.count())]
     boxes = goals.fits(page, figures, ".jp-NotebookPanel:not(.lm-mod-hidden)")
 
-    outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-canvas-div"))
+    outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".valueloss-figure"))
     explorer = outputs.filter(has=widgets.slider(page, "clip_eps")).first
     explorer.scroll_into_view_if_needed()
     artifacts(f"jupyterlab-{stem}-1280x800.png", page.screenshot())
     print(f"{stem}: figure boxes at 1280x800: {[(round(b['x']), round(b['width'])) for b in boxes]}")
     slider = widgets.slider(explorer, "clip_eps")
-    figure = explorer.locator(".jupyter-matplotlib-canvas-div").first  # the 1D explorer comes first
+    figure = explorer.locator(".valueloss-figure").first  # the 1D explorer comes first
     before = widgets.wait_until_stable(figure)
     box = figure.bounding_box()
     assert box["width"] > 400 and box["height"] > 250, f"explorer figure not drawn: {box}"

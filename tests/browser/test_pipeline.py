@@ -1,8 +1,9 @@
-"""Self-test of the browser harness on a tiny ipywidgets + ipympl notebook written here.
+"""Self-test of the browser harness on a tiny notebook written here: a slider, a matplotlib line, a live figure.
 
-Independent of valueloss: if these fail, the browser, the servers or the widget front-ends are broken,
-not the explorers. A slider with a callback must change the figure's pixels; a slider without one must
-not (the negative control proves the harness can tell the difference).
+Independent of the explorers: it uses only :class:`valueloss.viz.canvas.FigureView` (the live figure they
+draw on), so if these fail, the browser, the servers, the widget front-ends or that view are broken, not
+the explorers. A slider with a callback must change the figure's pixels; a slider without one must not
+(the negative control proves the harness can tell the difference).
 """
 
 import pytest
@@ -11,17 +12,22 @@ pytestmark = pytest.mark.browser
 
 NOTEBOOK = "harness_selftest.ipynb"
 CELLS = [
-    "%matplotlib widget\nimport ipywidgets as widgets\nimport matplotlib.pyplot as plt\nimport numpy as np",
-    # 'slope' redraws the line; 'inert' is connected to nothing.
+    "import io\nimport ipywidgets as widgets\nimport numpy as np\nfrom matplotlib.figure import Figure\n"
+    "from valueloss.viz.canvas import FigureView",
+    # 'slope' redraws the line; 'inert' is connected to nothing. The background is drawn once, without the line.
     """x = np.linspace(0, 1, 50)
-with plt.ioff():
-    fig, ax = plt.subplots(figsize=(4, 3))
-(line,) = ax.plot(x, x)
+fig = Figure(figsize=(4, 3))
+ax = fig.subplots()
+(line,) = ax.plot(x, x, animated=True)
 ax.set_ylim(0, 3)
+background = io.BytesIO()
+fig.savefig(background, format="png")
+view = FigureView()
+view.show(fig, [line], background.getvalue())
 slope = widgets.FloatSlider(value=1.0, min=0.5, max=3.0, step=0.25, description="slope")
 inert = widgets.FloatSlider(value=1.0, min=0.5, max=3.0, step=0.25, description="inert")
-slope.observe(lambda change: (line.set_ydata(change["new"] * x), fig.canvas.draw_idle()), names="value")
-widgets.VBox([slope, inert, fig.canvas])""",
+slope.observe(lambda change: (line.set_ydata(change["new"] * x), view.show(fig, [line])), names="value")
+widgets.VBox([slope, inert, view])""",
 ]
 
 
@@ -39,7 +45,7 @@ def selftest_notebook(served_root):
 
 def check_slider_moves_figure(page, widgets, timeout=20.0):
     """Pressing a key on 'slope' changes readout and pixels; on 'inert' it changes the readout only."""
-    figure = page.locator(".jupyter-matplotlib-canvas-div").first
+    figure = page.locator(".valueloss-figure").first
     figure.wait_for(state="visible", timeout=90_000)
     slope, inert = widgets.slider(page, "slope"), widgets.slider(page, "inert")
     before = widgets.wait_until_stable(figure)
@@ -53,8 +59,8 @@ def check_slider_moves_figure(page, widgets, timeout=20.0):
     assert widgets.wait_for_change(figure, before, timeout=timeout), "slider callback did not redraw the figure"
 
 
-def test_jupyterlab_slider_redraws_ipympl_figure(lab, page, widgets, selftest_notebook):
-    """In JupyterLab a keyboard step on a slider redraws the ipympl canvas, and only through its callback."""
+def test_jupyterlab_slider_redraws_live_figure(lab, page, widgets, selftest_notebook):
+    """In JupyterLab a keyboard step on a slider redraws the live figure, and only through its callback."""
     lab.open(selftest_notebook)
     lab.run_all()
     assert lab.error_texts() == []
@@ -62,8 +68,8 @@ def test_jupyterlab_slider_redraws_ipympl_figure(lab, page, widgets, selftest_no
 
 
 @pytest.mark.slow  # the JupyterLab check above tests the same harness in make test; this is its Voilà twin
-def test_voila_slider_redraws_ipympl_figure(voila_server, page, widgets, selftest_notebook):
-    """In Voilà (sources stripped) a keyboard step on a slider redraws the ipympl canvas."""
+def test_voila_slider_redraws_live_figure(voila_server, page, widgets, selftest_notebook):
+    """In Voilà (sources stripped) a keyboard step on a slider redraws the live figure."""
     page.goto(voila_server.url(f"/voila/render/{selftest_notebook}"))
     check_slider_moves_figure(page, widgets)
     assert page.locator(".jp-InputArea").count() == 0, "Voilà shows code although sources are stripped"

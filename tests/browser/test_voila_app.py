@@ -34,7 +34,7 @@ FIRST_PAINTS = """
     if (state.shown === null && document.querySelector('.valueloss-dashboard')) state.shown = now;
     for (const panel of %s) {
       if (state.painted[panel]) continue;
-      const canvas = document.querySelector(`.valueloss-panel-${panel} .jupyter-matplotlib-canvas-div canvas`);
+      const canvas = document.querySelector(`.valueloss-panel-${panel} .valueloss-figure canvas`);
       if (!canvas || !canvas.width || !canvas.height) continue;
       const row = canvas.getContext('2d').getImageData(0, canvas.height >> 1, canvas.width, 1).data;
       for (let i = 3; i < row.length; i += 4) if (row[i]) { state.painted[panel] = now; break; }
@@ -56,7 +56,7 @@ def app(browser_context, voila_server, widget_driver, artifacts):
         page.goto(voila_server.url("/voila/render/explorer.ipynb"), timeout=120_000)
         page.locator(".valueloss-dashboard").wait_for(state="visible", timeout=120_000)
         for panel in PANELS:
-            page.locator(f".valueloss-panel-{panel} .jupyter-matplotlib-canvas-div").wait_for(timeout=60_000)
+            page.locator(f".valueloss-panel-{panel} .valueloss-figure").wait_for(timeout=60_000)
         yield page, widget_driver(page)
     except BaseException:
         artifacts("FAILED-voila-app.png", page.screenshot(full_page=True))
@@ -66,8 +66,8 @@ def app(browser_context, voila_server, widget_driver, artifacts):
 
 
 def figure(page, panel):
-    """The ipympl canvas of one panel of the dashboard."""
-    return page.locator(f".valueloss-panel-{panel} .jupyter-matplotlib-canvas-div")
+    """The live figure of one panel of the dashboard."""
+    return page.locator(f".valueloss-panel-{panel} .valueloss-figure")
 
 
 def shared_slider(page, ui, name):

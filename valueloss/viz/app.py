@@ -82,7 +82,7 @@ class Dashboard:
         old_value: starting old value ``v_old`` of the loss curve.
         return_: starting return ``R`` of the loss curve.
         extent: starting half-width of the plane of the surface and gradient explorers.
-        backend: passed to every explorer (``"auto"``, ``"ipympl"``, ``"image"`` or ``"agg"``,
+        backend: passed to every explorer (``"auto"``, ``"canvas"``, ``"image"`` or ``"agg"``,
             see :mod:`valueloss.viz.widgets`).
 
     Attributes:

@@ -25,30 +25,31 @@ Public API (stable):
   - ``figure`` (a matplotlib Figure, not registered with pyplot), ``axes`` (dict of name -> Axes),
     ``artists`` (dict of name -> the artist that shows the data, looked up afresh on each access).
   - ``params``: the current settings as a dict (what the figure shows).
-  - ``backend``: ``"ipympl"`` (live canvas widget, JupyterLab/Voila), ``"image"`` (fallback: a
-    static PNG re-rendered into an ``ipywidgets.Image`` on each change, with a note saying so)
-    or ``"agg"`` (headless: the Agg canvas is redrawn, nothing is displayed; tests, benchmarks).
-    ``backend="auto"`` (default) picks ipympl inside a Jupyter kernel when ipympl imports,
-    ``"image"`` inside a kernel without it, and ``"agg"`` outside a kernel.
-  - ``canvas`` (the figure's canvas; an ``ipympl.backend_nbagg.Canvas`` widget for ipympl),
-    ``widget`` (the ipywidgets box holding the controls and the view), ``message`` (why a
-    fallback was used, or ``""``), ``image`` (the ``ipywidgets.Image`` of the ``"image"`` fallback,
-    else None), ``to_png()`` (the current canvas as PNG bytes), ``update()`` (recompute and redraw), ``close()``.
+  - ``backend``: ``"canvas"`` (live figure widget, JupyterLab/Voila: :class:`valueloss.viz.canvas.FigureView`),
+    ``"image"`` (fallback: a static PNG re-rendered into an ``ipywidgets.Image`` on each change, with a
+    note saying so) or ``"agg"`` (headless: the Agg canvas is redrawn, nothing is displayed; tests,
+    benchmarks). ``backend="auto"`` (default) picks ``"canvas"`` inside a Jupyter kernel when anywidget
+    imports, ``"image"`` inside a kernel without it, and ``"agg"`` outside a kernel.
+  - ``canvas`` (the figure's Agg canvas), ``view`` (the :class:`~valueloss.viz.canvas.FigureView` of the
+    ``"canvas"`` backend, else None), ``widget`` (the ipywidgets box holding the controls and the view),
+    ``message`` (why a fallback was used, or ``""``), ``image`` (the ``ipywidgets.Image`` of the ``"image"``
+    fallback, else None), ``to_png()`` (the complete figure as PNG bytes), ``update()`` (recompute and
+    redraw), ``close()``.
   - display: an explorer displays as its ``widget`` (``_repr_mimebundle_``).
 
 The explorers do no math: every number comes from :mod:`valueloss.viz.plotting` (which gets it from
 :mod:`valueloss.functional`). Each figure is built once; a control change moves the existing artists
-(``set_data``/``set_array``/``set_UVC``) and repaints only those artists onto a cached background
-(blitting; the background is re-rendered when axis or colour limits change). The layout is computed
-once (constrained layout on the first draw, then frozen). A change costs a few tens of milliseconds;
-``benchmarks/bench_widgets.py`` measures it.
+(``set_data``/``set_array``/``set_UVC``) and repaints only those artists over a cached background (the
+background is re-rendered when axis or colour limits change). With the ``"canvas"`` backend the browser
+does that repaint: the kernel sends the paths and images matplotlib drew for the moving artists
+(:mod:`valueloss.viz.frames`), not a picture. The layout is computed once (constrained layout on the
+first draw, then frozen). ``benchmarks/bench_widgets.py`` measures a change; docs/explorers.md has the
+numbers end to end.
 """
 
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import ipywidgets
 import numpy as np
@@ -58,6 +59,7 @@ from matplotlib.patches import Patch
 
 from ..functional import Region
 from . import plotting
+from .frames import png_bytes
 from .plotting import find_artist
 
 __all__ = [
@@ -71,7 +73,7 @@ __all__ = [
     "surface_explorer",
 ]
 
-BACKENDS = ("auto", "ipympl", "image", "agg")
+BACKENDS = ("auto", "canvas", "image", "agg")
 
 
 def _in_kernel() -> bool:
@@ -84,33 +86,13 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _import_ipympl_quietly() -> None:
-    """Import the ``ipympl`` package without its side effect on pyplot.
-
-    ``ipympl/__init__.py`` (0.9-0.10) calls ``matplotlib.use("module://ipympl.backend_nbagg")``
-    when matplotlib is already imported, which would turn every later ``plt.subplots`` of the
-    notebook into a live canvas (and close the open figures). Its ``__init__`` imports nothing but
-    ``sys`` and its version, so hiding matplotlib from ``sys.modules`` for that one import is safe.
-    The explorers only need the ``Canvas`` class, never the pyplot backend.
-    """
-    import sys
-
-    if "ipympl" in sys.modules or "matplotlib" not in sys.modules:
-        return
-    matplotlib_module = sys.modules.pop("matplotlib")
+def _figure_view_class():
+    """:class:`valueloss.viz.canvas.FigureView`, or None and why (anywidget missing or failing to import)."""
     try:
-        import ipympl  # noqa: F401
-    finally:
-        sys.modules["matplotlib"] = matplotlib_module
-
-
-def _ipympl_canvas_class():
-    try:
-        _import_ipympl_quietly()
-        from ipympl.backend_nbagg import Canvas, FigureManager
-    except Exception as exc:  # ImportError, or ipympl failing against this matplotlib
-        return None, f"ipympl could not be imported ({type(exc).__name__}: {exc})"
-    return (Canvas, FigureManager), ""
+        from .canvas import FigureView
+    except Exception as exc:  # ImportError, or anywidget failing against this ipywidgets
+        return None, f"anywidget could not be imported ({type(exc).__name__}: {exc})"
+    return FigureView, ""
 
 
 def _slider(name: str, value: float, low: float, high: float, step: float) -> ipywidgets.FloatSlider:
@@ -145,41 +127,37 @@ class Explorer:
         self.widget = self._make_widget()
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
+        self._dpi = self.figure.dpi
+        if self.view is not None:
+            self.view.observe(self._on_pixel_ratio, names="pixel_ratio")
         self._redraw()
 
     # ---------------------------------------------------------------- canvas and widget
     def _make_canvas(self, backend: str):
+        self.view = None
         if backend == "auto":
             backend = "agg"
             if _in_kernel():
                 backend = "image"
-                classes, why = _ipympl_canvas_class()
-                if classes is not None:
-                    backend = "ipympl"
+                view_class, why = _figure_view_class()
+                if view_class is not None:
+                    backend = "canvas"
                 else:
                     self.message = f"Static view: {why}. Each change re-renders a PNG."
-        if backend == "ipympl":
-            classes, why = _ipympl_canvas_class()
-            if classes is None:
-                raise RuntimeError(f"backend='ipympl' was requested but {why}")
-            canvas_class, manager_class = classes
-            canvas = canvas_class(self.figure)
-            canvas.header_visible = False
-            canvas.toolbar_visible = False
-            canvas.resizable = False
-            manager_class(canvas, 0)
-            _repair_ipympl_canvas(canvas)  # before the first draw: see its docstring
-            _encode_frames_fast(canvas)  # whole pictures: a picture lost in the browser is harmless
-            return backend, canvas
+        if backend == "canvas":
+            view_class, why = _figure_view_class()
+            if view_class is None:
+                raise RuntimeError(f"backend='canvas' was requested but {why}")
+            self.view = view_class()
         return backend, FigureCanvasAgg(self.figure)
 
     def _make_widget(self) -> ipywidgets.Widget:
         controls = ipywidgets.VBox(list(self.controls.values()))
-        if self.backend == "ipympl":
-            view = self.canvas
+        if self.backend == "canvas":
+            view = self.view
         elif self.backend == "image":
             self._image = ipywidgets.Image(format="png")
-            note = self.message or "Static view: ipympl is not active, so each change re-renders a PNG."
+            note = self.message or "Static view: the live figure is not active, so each change re-renders a PNG."
             view = ipywidgets.VBox([ipywidgets.HTML(f"<em>{note}</em>"), self._image])
         else:
             view = ipywidgets.HTML("<em>Headless explorer (backend='agg'): nothing to display.</em>")
@@ -202,6 +180,14 @@ class Explorer:
     def _on_change(self, change) -> None:
         self.update()
 
+    def _on_pixel_ratio(self, change) -> None:
+        """Draw at the screen's resolution: ``pixel_ratio`` (from the page, kept to 1-4) times the dpi."""
+        ratio = change["new"]
+        ratio = min(max(ratio, 1.0), 4.0) if np.isfinite(ratio) else 1.0
+        if self.figure.dpi != self._dpi * ratio:
+            self.figure.set_dpi(self._dpi * ratio)
+            self._redraw(full=True)
+
     def update(self) -> None:
         """Say the new settings in the caption, move the artists to them and redraw."""
         # The caption first: the browser lays it out while the kernel draws, instead of between the
@@ -221,39 +207,54 @@ class Explorer:
         return f"<span class='valueloss-settings'><b>Now:</b> {settings}</span>"
 
     def _redraw(self, full: bool = False) -> None:
-        """Show the current artists: blit the changing artists onto a cached background.
+        """Show the current artists: repaint the changing artists over a cached background.
 
         The background (axes, ticks, labels, legends, colour bars) is rendered once without the
         artists that change with the controls, and re-rendered only when it changes (new axis
-        limits, colour limits or figure size) or when ``full=True``. Either way the canvas ends up
-        holding the complete picture, so ``savefig`` and a full ``canvas.draw()`` show the same.
+        limits, colour limits or figure size) or when ``full=True``. With the ``"canvas"`` backend the
+        background goes to the browser as a PNG (only when it changed) and the changing artists as the
+        paths and images matplotlib drew for them; otherwise they are blitted onto the Agg canvas, which
+        then holds the complete picture.
         """
         canvas = self.figure.canvas
-        dynamic = sorted(self._dynamic_artists(), key=lambda a: a.get_zorder())
+        dynamic = self._in_drawing_order(self._dynamic_artists())
         key = self._current_background_key(dynamic)
-        if full or self._background is None or key != self._background_key:
+        new_background = full or self._background is None or key != self._background_key
+        if new_background:
             for artist in dynamic:
                 artist.set_animated(True)
             try:
-                FigureCanvasAgg.draw(canvas)  # the Agg draw only: ipympl would push a picture without them
+                canvas.draw()
             finally:
                 for artist in dynamic:
                     artist.set_animated(False)
             self._background = canvas.copy_from_bbox(self.figure.bbox)
             self._background_key = key
-        else:
+        if self.backend == "canvas":
+            png = png_bytes(np.asarray(canvas.buffer_rgba())) if new_background else None
+            self.view.show(self.figure, dynamic, png)
+            return
+        if not new_background:
             canvas.restore_region(self._background)
         for artist in dynamic:
             self.figure.draw_artist(artist)
-        if self.backend == "ipympl":
-            canvas.blit(self.figure.bbox)  # ipympl sends the changed pixels to the browser
-        elif self.backend == "image":
+        if self.backend == "image":
             self._image.value = self.to_png()
 
+    def _in_drawing_order(self, artists: list) -> list:
+        """``artists`` in the order a full draw paints them: by axes, then zorder, then place among the children."""
+        place = {}
+        for i, ax in enumerate(sorted(self.figure.axes, key=lambda a: a.get_zorder())):
+            for j, child in enumerate(ax.get_children()):
+                place[id(child)] = (i, child.get_zorder(), j)
+        return sorted(artists, key=lambda a: place.get(id(a), (len(place), a.get_zorder(), 0)))
+
     def to_png(self) -> bytes:
-        """The canvas as it is now (after the last redraw), encoded as PNG."""
+        """The complete figure as it is now, encoded as PNG."""
         from matplotlib.image import imsave
 
+        if self.backend == "canvas":  # the Agg canvas holds only the background: the browser paints the rest
+            self.figure.canvas.draw()
         buffer = io.BytesIO()
         imsave(buffer, np.asarray(self.figure.canvas.buffer_rgba()), format="png")
         return buffer.getvalue()
@@ -274,8 +275,8 @@ class Explorer:
         for control in self.controls.values():
             control.close()
         self.widget.close()
-        if self.backend == "ipympl":
-            self.canvas.close()
+        if self.view is not None:
+            self.view.close()
 
     # ---------------------------------------------------------------- per explorer
     def _draw_initial(self) -> None:  # pragma: no cover - abstract
@@ -578,74 +579,3 @@ def surface_explorer(**kwargs) -> SurfaceExplorer:
 def gradient_explorer(**kwargs) -> GradientExplorer:
     """A :class:`GradientExplorer` (keyword arguments as its constructor)."""
     return GradientExplorer(**kwargs)
-
-
-def _repair_ipympl_canvas(canvas) -> None:
-    """Make an ipympl canvas that was drawn before display render (work-around for ipympl 0.10.0).
-
-    ``ipympl.backend_nbagg.Canvas.send_binary`` (0.10.0), while no front-end has initialised the
-    canvas (``syncing_data_url``), overwrites its PNG argument with the raw RGBA buffer and sends that
-    to the browser as the "PNG", and stores the real PNG in ``_data_url`` as bare base64 without the
-    ``data:image/png;base64,`` prefix. The explorers draw before they are displayed, so the browser
-    gets a broken image either way (live messages in JupyterLab, the stored ``_data_url`` in Voilà),
-    its next ``drawImage`` throws and the figure stays 0 x 0 pixels. This replaces the instance's
-    ``send_binary`` by the intended behaviour: send the PNG, store a proper data URL. With
-    :func:`_encode_frames_fast` (always applied with it) every PNG is the whole picture, so it is the
-    data URL as it is.
-    Checked against ipympl 0.10.0 (``ipympl/backend_nbagg.py``, ``Canvas.send_binary``) on 2026-11-25.
-    """
-    import base64
-
-    def send_binary(data) -> None:
-        if canvas.syncing_data_url:
-            canvas._data_url = "data:image/png;base64," + base64.b64encode(bytes(data)).decode("ascii")
-        canvas.send({"data": '{"type": "binary"}'}, buffers=[data])
-
-    canvas.send_binary = send_binary
-    url = canvas._data_url
-    if isinstance(url, str) and url and not url.startswith("data:"):
-        canvas._data_url = "data:image/png;base64," + url
-
-
-def _png(rgba: np.ndarray) -> bytes:
-    """``rgba`` (H, W, 4) uint8 as a PNG: no row filter, zlib level 1 (PNG spec, ISO/IEC 15948: IHDR, IDAT, IEND).
-
-    The frames of a slider change are mostly transparent black (unchanged pixels): without PIL's
-    per-row filter search and at zlib's fastest level they encode in 2-4 ms instead of 6-9 ms (PIL,
-    level 1) or 13-24 ms (PIL's default level 6), for the same size within 15%.
-    """
-    height, width, _ = rgba.shape
-    rows = np.zeros((height, 4 * width + 1), dtype=np.uint8)  # a leading 0 per row: filter type "None"
-    rows[:, 1:] = rgba.reshape(height, 4 * width)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8 bits, RGBA, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 1))
-            + chunk(b"IEND", b""))
-
-
-def _encode_frames_fast(canvas) -> None:
-    """Make an ipympl canvas send every picture whole, encoded by :func:`_png` (3-4 ms, 60-90 kB here).
-
-    matplotlib's ``FigureCanvasWebAggCore.get_diff_image`` (3.11.2) sends, after the first picture,
-    only the pixels that changed since the last one (the others transparent), and ipympl's browser
-    side draws each picture over the last. But ipympl 0.10.0's ``handle_binary`` starts decoding a
-    picture by replacing the ``src`` of one image element, so a picture that arrives while the
-    previous one is still decoding cancels it: during a fast drag in the loaded browser about one
-    picture in 30 was lost (counted in Chromium), and with difference pictures the pixels it carried
-    stayed stale on screen until they changed again. Whole pictures make a lost one harmless (the
-    next replaces everything) and, with :func:`_png`, cost less to encode than PIL's difference
-    pictures did (13-24 ms at PIL's default level). This replaces the instance's ``get_diff_image``.
-    """
-
-    def get_diff_image():
-        if not canvas._png_is_old:
-            return None
-        rgba = np.asarray(canvas.get_renderer().buffer_rgba())
-        canvas.set_image_mode("full")  # the browser clears its picture, then draws this one
-        canvas._png_is_old = False
-        return _png(rgba)
-
-    canvas.get_diff_image = get_diff_image
