@@ -37,11 +37,13 @@ def site_without_extras(target: Path) -> Path:
     return target
 
 
-def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """``python -S *argv`` with the current directory and the site without extras on its path."""
+def run(argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -S *argv`` with the current directory and the site without extras on its path (and ``env``'s
+    variables added to this process's environment)."""
     with tempfile.TemporaryDirectory(prefix="valueloss-no-extras-") as tmp:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(site_without_extras(Path(tmp)))]))
-        return subprocess.run([sys.executable, "-S", *argv], env=env, **kwargs)
+        path = os.pathsep.join([os.getcwd(), str(site_without_extras(Path(tmp)))])
+        return subprocess.run([sys.executable, "-S", *argv], env=dict(os.environ, **(env or {}), PYTHONPATH=path),
+                              **kwargs)
 
 
 if __name__ == "__main__":
