@@ -235,6 +235,17 @@ def test_bootstrap_ci_agrees_with_scipy_bootstrap():
     assert high == pytest.approx(reference.high, abs=0.1 * width)
 
 
+def test_bootstrap_of_the_iqm_is_the_iqm_of_every_resample():
+    """The default statistic (iqm, computed for all resamples at once) gives exactly the interval of iqm called on
+    each resample, for one task and for several."""
+    rng = np.random.default_rng(4)
+    for scores in (rng.normal(100.0, 30.0, size=6), rng.normal(size=(7, 3)), rng.normal(size=1)):
+        fast = stats.stratified_bootstrap_ci(scores, reps=500, seed=2)
+        one_by_one = stats.stratified_bootstrap_ci(scores, statistic=lambda sample: stats.iqm(sample), reps=500, seed=2)
+        assert fast == one_by_one
+        assert fast[0] == stats.iqm(scores) and fast[1] <= fast[2]
+
+
 def test_bootstrap_is_stratified_by_task():
     """Resampling stays within each task column: the mean of task 0 alone never changes."""
     scores = np.column_stack([np.ones(6), np.arange(6) * 100.0])

@@ -77,7 +77,10 @@ def stratified_bootstrap_ci(
     num_runs, num_tasks = table.shape
     indices = _stratified_indices(np.random.default_rng(seed), num_runs, num_tasks, reps)
     resampled = np.take_along_axis(table[None], indices, axis=1)  # (reps, num_runs, num_tasks)
-    replicates = np.array([statistic(sample) for sample in resampled])
+    if statistic is iqm:  # all resamples in one call: iqm's numbers, without 2000 calls' overhead (~0.2 s)
+        replicates = stats.trim_mean(resampled.reshape(reps, -1), 0.25, axis=1)
+    else:
+        replicates = np.array([statistic(sample) for sample in resampled])
     low, high = np.quantile(replicates, [(1 - confidence) / 2, (1 + confidence) / 2])
     return float(statistic(table)), float(low), float(high)
 
