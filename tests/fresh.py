@@ -9,7 +9,9 @@ to keep the blame where it belongs: the core forbids everything the CLI, valuelo
 valueloss.distributed may not load, and every stage before valueloss.viz forbids matplotlib, of which
 pyplot is part (scipy, forbidden to the last stage, valueloss.experiments, is an extra none of the others
 needs).
-A stage that raises stops the run: later stages report that they did not run.
+The "--plot without matplotlib" stage hides matplotlib (a ``None`` entry in ``sys.modules``) and removes that
+entry when done, before the valueloss.viz stage imports it. A stage that raises stops the run: later stages
+report that they did not run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ STAGES = [
     ("import valueloss.batch",
      "import valueloss.batch, valueloss.batch.io, valueloss.batch.synthetic, valueloss.batch.report\n"
      "import valueloss.batch.cli, valueloss.peers\n"),
+    ("--plot without matplotlib",
+     "import os, sys, tempfile\n"
+     "sys.modules['matplotlib'] = None  # as if it were not installed (removed again below)\n"
+     "try:\n"
+     "    from valueloss.batch.cli import main\n"
+     f"    print(main(['inspect', {str(SAMPLE)!r}, '--json']) == 0, file=sys.stderr)\n"
+     "    figure = os.path.join(tempfile.mkdtemp(), 'out.png')\n"
+     f"    code = main(['inspect', {str(SAMPLE)!r}, '--plot', figure])\n"
+     "    print('figure written:', os.path.exists(figure))\n"
+     "finally:\n"
+     "    del sys.modules['matplotlib']\n"
+     "sys.exit(code)\n"),
     ("import valueloss.viz",
      "import matplotlib\n"
      "def snapshot():\n"

@@ -150,16 +150,13 @@ def test_a_figure_that_cannot_be_written_exits_2(tmp_path):
         assert message in out.stderr and out.stderr.count("\n") == 1
 
 
-def test_plot_without_matplotlib_exits_2(tmp_path):
-    """Without matplotlib, --plot exits 2 naming the extra to install (and nothing else needs matplotlib)."""
-    code = ("import sys\nsys.modules['matplotlib'] = None  # as if it were not installed\n"
-            "from valueloss.batch.cli import main\n"
-            f"print(main(['inspect', {str(SAMPLE)!r}, '--json']) == 0, file=sys.stderr)\n"
-            f"sys.exit(main(['inspect', {str(SAMPLE)!r}, '--plot', {str(tmp_path / 'out.png')!r}]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and not (tmp_path / "out.png").exists()
-    assert out.stderr == ("True\nvalueloss inspect: error: --plot needs matplotlib; "
-                          "pip install 'valueloss[notebooks]' (or leave out --plot)\n")
+def test_plot_without_matplotlib_exits_2():
+    """Without matplotlib, --plot exits 2 naming the extra to install (and nothing else needs matplotlib); run in
+    the fresh interpreter of tests/fresh.py with matplotlib blocked, before any stage imports it."""
+    out = fresh.stage("--plot without matplotlib")
+    assert out["exit"] == 2 and out["stdout"].endswith("figure written: False\n")
+    assert out["stderr"] == ("True\nvalueloss inspect: error: --plot needs matplotlib; "
+                             "pip install 'valueloss[notebooks]' (or leave out --plot)\n")
 
 
 def test_bad_arguments_exit_2(capsys):
