@@ -103,6 +103,11 @@ def test_unreadable_files_are_skipped_with_a_reason_and_empty_folders_raise(reco
         load_recording(empty)
     with pytest.raises(BatchError, match="not a directory"):
         load_recording(directory / "step-00000010-rank0.npz")
+    with pytest.raises(BatchError, match=r"more than 4 recorded files.*--max-files N"):
+        load_recording(directory, max_files=4)  # it holds five: four shards of three steps, one broken file
+    assert len(load_recording(directory, max_files=5)[0]) == 3
+    with pytest.raises(ValueError, match="max_files must be a positive int; got 0"):
+        load_recording(directory, max_files=0)
 
 
 def test_plot_trend_draws_the_trend_numbers(recording):

@@ -21,6 +21,7 @@ import sys
 from ..functional import AGGREGATION_MODES
 from .io import MAX_BYTES, MAX_SEQUENCES, MAX_TOKENS, BatchError, load_batch
 from .report import format_report, inspect_batch
+from .trend import MAX_FILES
 
 __all__ = ["PLOT_MAX_SEQUENCES", "build_parser", "main"]
 
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"elements of one array, B x T (default: {MAX_TOKENS})")
     limits.add_argument("--max-sequences", type=_limit, default=MAX_SEQUENCES, metavar="N",
                         help=f"sequences B (default: {MAX_SEQUENCES})")
+    limits.add_argument("--max-files", type=_limit, default=MAX_FILES, metavar="N",
+                        help=f"recorded files read from a directory (default: {MAX_FILES})")
     inspect.add_argument("--plot", metavar="OUT.png", help="also write a PNG figure of the report")
     return parser
 

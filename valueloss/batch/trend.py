@@ -22,6 +22,7 @@ from .io import Batch, BatchError, load_batch, validate_batch
 from .report import _finite_or_none, inspect_batch
 
 __all__ = [
+    "MAX_FILES",
     "RecordedStep",
     "Trend",
     "TrendPoint",
@@ -90,26 +91,38 @@ def _join(step: int, shards: list[tuple[int, Batch]], source: str) -> Batch:
                  dtype=shards[0][1].dtype)
 
 
+MAX_FILES = 10_000
+"""Default limit on the recorded files of one directory: every step is held in memory while it is reported."""
+
+
 def load_recording(
-    directory: str | os.PathLike, **limits: int
+    directory: str | os.PathLike, *, max_files: int = MAX_FILES, **limits: int
 ) -> tuple[list[RecordedStep], list[tuple[str, str]]]:
     """The recorded steps of ``directory`` in step order, and the files that could not be read (name, reason).
 
     Each file is read by :func:`~valueloss.batch.load_batch`, with ``limits`` (its size limits, e.g.
-    ``max_bytes``) passed on.
+    ``max_bytes``) passed on. At most ``max_files`` recorded files are read (each within those limits, all
+    of them held in memory); a directory with more is refused before any is read.
 
-    Raises :class:`~valueloss.batch.BatchError` when ``directory`` is not a directory, holds no recorded file,
-    or none of its files is a valid batch.
+    Raises :class:`~valueloss.batch.BatchError` when ``directory`` is not a directory, holds no recorded file
+    or more than ``max_files`` of them, or none of its files is a valid batch.
     """
+    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
+        raise ValueError(f"max_files must be a positive int; got {max_files!r}")
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a str or os.PathLike; got {type(directory).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
         raise BatchError(f"{directory}: not a directory")
     by_step: dict[int, list[tuple[int, Path]]] = {}
+    found = 0
     for path in directory.iterdir():
         match = FILE_PATTERN.match(path.name)
         if match:
+            found += 1
+            if found > max_files:
+                raise BatchError(f"{directory}: holds more than {max_files} recorded files, the limit "
+                                 "(raise it with --max-files N, or max_files=N in Python)")
             by_step.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
     if not by_step:
         raise BatchError(f"{directory}: is a directory with no recorded files "
@@ -259,7 +272,7 @@ def run_directory_command(args, plot_trend=None) -> int:
     if args.plot and plot_trend is None:
         return error("--plot needs matplotlib; pip install 'valueloss[notebooks]' (or leave out --plot)")
     try:
-        names = ("max_bytes", "max_tokens", "max_sequences")
+        names = ("max_bytes", "max_tokens", "max_sequences", "max_files")
         limits = {name: getattr(args, name) for name in names if hasattr(args, name)}
         trend = inspect_directory(args.batch, clip_eps=args.clip_eps, mode=args.mode, target_clip_fraction=(low, high),
                                   **limits)
