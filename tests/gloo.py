@@ -37,15 +37,13 @@ def _attempt(test_file: Path, function: str, world: int, args: list[str], log_di
         launcher = subprocess.Popen(cmd, stdout=launcher_log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
         try:
-            code = launcher.wait(timeout=deadline_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            try:  # the launcher and every rank it forked share its session: nothing outlives the test
-                os.killpg(launcher.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            code = launcher.wait(timeout=deadline_s)  # it exits after every rank has exited (or been killed)
+        except BaseException as stop:  # the deadline, or an interrupt: kill the launcher's session, ranks included
+            os.killpg(launcher.pid, signal.SIGKILL)  # not reaped yet, so the group id is still the launcher's
             launcher.wait()
+            if not isinstance(stop, subprocess.TimeoutExpired):
+                raise
+            code = None
         launcher_log.seek(0)
         texts = ["--- launcher:\n" + launcher_log.read()]
     texts += [f"--- rank {rank}:\n" + (log.read_text() if log.exists() else "") for rank, log in enumerate(logs)]
