@@ -18,9 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-# The explorer notebook's run (18 s) is the long version: make test keeps notebook 01, and the Voilà tests drive
-# the same dashboard; make test-slow runs both notebooks.
-NOTEBOOKS = ("01_clipped_loss_1d.ipynb", pytest.param("explorer.ipynb", marks=pytest.mark.slow))
+# Both notebooks of issue 22's table: notebook 01's explorer and the app's dashboard in JupyterLab.
+NOTEBOOKS = ("01_clipped_loss_1d.ipynb", "explorer.ipynb")
 STUB_TAGS = {"raises-exception", "nbval-raises-exception"}  # an exercise's stub: it raises until the learner fills it
 
 
