@@ -83,22 +83,24 @@ def _median_ms(samples: list) -> float:
     return 1e3 * statistics.median(samples)
 
 
+def _changes_ms(control, values: list, repeats: int, after=lambda: None) -> float:
+    """Median ms of ``repeats`` changes of ``control`` through ``values`` (each followed by ``after()``)."""
+    samples = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        control.value = values[i % len(values)]
+        after()
+        samples.append(time.perf_counter() - start)
+    return _median_ms(samples)
+
+
 def time_explorer(explorer, values: list, repeats: int) -> dict:
-    """Median seconds of a clip_eps change (fast path) and of a change + full canvas.draw()."""
+    """Median ms of a clip_eps change (fast path) and of a change + full canvas.draw()."""
     control = explorer.controls["clip_eps"]
-    fast, full = [], []
-    for i in range(repeats):
-        value = values[i % len(values)]
-        start = time.perf_counter()
-        control.value = value
-        fast.append(time.perf_counter() - start)
-    for i in range(repeats):
-        value = values[(i + 1) % len(values)]
-        start = time.perf_counter()
-        control.value = value
-        explorer.figure.canvas.draw()
-        full.append(time.perf_counter() - start)
-    return {"fast": _median_ms(fast), "full": _median_ms(full)}
+    fast = _changes_ms(control, values, repeats)
+    shifted = values[1:] + values[:1]  # every change moves the value, also from where the first loop ended
+    full = _changes_ms(control, shifted, repeats, after=explorer.figure.canvas.draw)
+    return {"fast": fast, "full": full}
 
 
 def time_live(make, values: list, repeats: int) -> float | None:
@@ -111,14 +113,10 @@ def time_live(make, values: list, repeats: int) -> float | None:
     explorer.view.observe(lambda change: frames.append(len(change["new"])), names="frame")
     control = explorer.controls["clip_eps"]
     control.value = 0.5  # warm-up
-    samples = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        control.value = values[i % len(values)]
-        samples.append(time.perf_counter() - start)
+    median = _changes_ms(control, values, repeats)
     explorer.close()
     assert len(frames) == repeats + 1, "the live figure did not get one frame per change"
-    return _median_ms(samples)
+    return median
 
 
 def time_dashboard(values: list, repeats: int) -> float | None:
@@ -130,14 +128,10 @@ def time_dashboard(values: list, repeats: int) -> float | None:
     except RuntimeError:
         return None
     control = board.controls["clip_eps"]
-    control.value = 0.5
-    samples = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        control.value = values[i % len(values)]
-        samples.append(time.perf_counter() - start)
+    control.value = 0.5  # warm-up
+    median = _changes_ms(control, values, repeats)
     board.close()
-    return _median_ms(samples)
+    return median
 
 
 def time_empty_figure(figsize: tuple, ncols: int, repeats: int) -> float:
