@@ -195,3 +195,25 @@ def test_drag_ends_on_the_final_picture_without_a_backlog(app, drag_log):
     check(result, list(PANELS))
     note = page.locator(".valueloss-panel-loss-curve .valueloss-note").inner_text()
     assert f"= {final:.2f}" in note, f"the notes do not show the final clip_eps {final:.2f}: {note}"
+
+
+# A second Voilà page (about 10 s), so slow; the pixel ratio's kernel side is tested in test_widgets. `page` comes
+# first: the browser then outlives the kernel this page starts (it checks for leftover processes when it closes).
+@pytest.mark.slow
+def test_figures_are_drawn_at_the_screens_pixel_ratio(page, voila_server):
+    """On a 2x screen (emulated) each live figure gets twice as many canvas pixels as CSS pixels from the
+    kernel, at the figure's CSS size of 840 pixels: sharp, not doubled in size nor halved."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 800, "deviceScaleFactor": 2,
+                                                    "mobile": False})
+    try:
+        page.goto(voila_server.url("/voila/render/explorer.ipynb"), timeout=120_000)
+        # Each view first shows the 1x picture at half size, then the kernel's 2x one.
+        page.wait_for_function("""() => {
+          const canvases = [...document.querySelectorAll('.valueloss-figure canvas')];
+          return canvases.length === 3 && canvases.every(
+            (c) => c.width === 2 * c.getBoundingClientRect().width && c.getBoundingClientRect().width === 840);
+        }""", timeout=60_000)
+    finally:
+        cdp.send("Emulation.clearDeviceMetricsOverride")
+        cdp.detach()
