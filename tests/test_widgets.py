@@ -336,6 +336,7 @@ def test_canvas_draws_at_the_screens_pixel_ratio():
         assert Image.open(io.BytesIO(view.background)).size == (2 * width, 2 * height)
         header = view.frame[4:4 + int.from_bytes(view.frame[:4], "little")].decode()
         assert f'"width":{2 * width}' in header.replace(".0", "")
+        assert '"ratio":2.0' in header  # the page shows it at half its pixels: the same size, sharper
         view.pixel_ratio = 100.0
         assert explorer.figure.dpi == 4 * dpi
         view.pixel_ratio = float("nan")

@@ -94,7 +94,7 @@ function render({ model, el }) {
       images.forEach((image) => image.close());
       return;
     }
-    const ratio = model.get('pixel_ratio') || 1;
+    const ratio = frame.ratio || 1;  // what the kernel drew it at: until a sharper frame comes, the same size
     if (canvas.width !== frame.width || canvas.height !== frame.height) {
       canvas.width = frame.width; canvas.height = frame.height;
     }

@@ -34,10 +34,11 @@ class FigureView(anywidget.AnyWidget):
     frame = traitlets.Bytes(b"").tag(sync=True)
     pixel_ratio = traitlets.Float(1.0).tag(sync=True)
 
-    def show(self, figure, artists, background_png: bytes | None = None) -> None:
-        """Send ``artists`` of ``figure`` as the new frame, with a new background first when one is given."""
+    def show(self, figure, artists, background_png: bytes | None = None, *, ratio: float = 1.0) -> None:
+        """Send ``artists`` of ``figure`` as the new frame, with a new background first when one is given;
+        ``ratio``: the figure's pixels per CSS pixel (the page shows it at its size divided by ``ratio``)."""
         with self.hold_sync():  # one message: the page never pairs a frame with the wrong background
             if background_png is not None:
                 self.background = background_png
                 self.background_id += 1
-            self.frame = pack_frame(record_artists(figure, artists), background=self.background_id)
+            self.frame = pack_frame(record_artists(figure, artists), background=self.background_id, ratio=ratio)

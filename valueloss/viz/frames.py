@@ -15,7 +15,7 @@ The message (little-endian)::
 
     uint32 n | n bytes of JSON header | zero padding to a multiple of 4 | body
 
-The header is ``{"width", "height", "background", "ops"}``. Each op is a path
+The header is ``{"width", "height", "ratio", "background", "ops"}``. Each op is a path
 ``{"path": [offset, count], "codes": offset, "fill": rgba | null, "stroke": rgba | null, "width": px,
 "dashes": [offset, [px, ...]] | null, "cap", "join", "clip": [x, y, w, h] | null}`` (``count`` vertices as
 float32 x, y pairs in canvas pixels, y downwards, and ``count`` uint8 matplotlib path codes) or an image
@@ -188,10 +188,11 @@ def record_artists(figure, artists) -> FrameRecorder:
     return recorder
 
 
-def pack_frame(recorder: FrameRecorder, background: int = 0) -> bytes:
-    """The recorded ops as one message (see the module docstring); ``background`` names the picture under them."""
-    header = json.dumps({"width": recorder.width, "height": recorder.height, "background": background,
-                         "ops": recorder.ops}, separators=(",", ":")).encode()
+def pack_frame(recorder: FrameRecorder, background: int = 0, ratio: float = 1.0) -> bytes:
+    """The recorded ops as one message (see the module docstring); ``background`` names the picture under them,
+    ``ratio`` is the pixels per CSS pixel it was drawn at (the page shows it at ``width / ratio`` CSS pixels)."""
+    header = json.dumps({"width": recorder.width, "height": recorder.height, "ratio": ratio,
+                         "background": background, "ops": recorder.ops}, separators=(",", ":")).encode()
     header += b" " * (-(len(header) + 4) % 4)
     return struct.pack("<I", len(header)) + header + b"".join(recorder.chunks)
 

@@ -232,7 +232,7 @@ class Explorer:
             self._background_key = key
         if self.backend == "canvas":
             png = png_bytes(np.asarray(canvas.buffer_rgba())) if new_background else None
-            self.view.show(self.figure, dynamic, png)
+            self.view.show(self.figure, dynamic, png, ratio=self.figure.dpi / self._dpi)
             return
         if not new_background:
             canvas.restore_region(self._background)
